@@ -1,0 +1,23 @@
+"""Numba kernels: pure functions on arrays of raw tensor bits."""
+
+from .arrays import (
+    REDUCTION_BLOCK,
+    decode_array,
+    encode_array,
+    gram_blocks,
+    transcode,
+    weighted_sum,
+)
+from .scalars import BF16, F16, F32
+
+__all__ = [
+    "BF16",
+    "F16",
+    "F32",
+    "REDUCTION_BLOCK",
+    "decode_array",
+    "encode_array",
+    "gram_blocks",
+    "transcode",
+    "weighted_sum",
+]
