@@ -1,0 +1,32 @@
+"""Merge methods, one module each; this registry is the only list of them."""
+
+from ..errors import MergeError
+from .base import REQUIRED, Chunk, MergeMethod, OutChunk, Param, TensorContext, TensorMerge
+from .karcher import Karcher
+from .linear import Linear
+from .slerp import Slerp
+from .task_arithmetic import TaskArithmetic
+
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (Karcher(), Linear(), Slerp(),
+                                                       TaskArithmetic())}
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}")\
+            from None
+
+
+__all__ = [
+    "METHODS",
+    "REQUIRED",
+    "Chunk",
+    "MergeMethod",
+    "OutChunk",
+    "Param",
+    "TensorContext",
+    "TensorMerge",
+    "get_method",
+]

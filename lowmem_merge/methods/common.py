@@ -1,0 +1,89 @@
+"""Shared pieces of methods: weights, the Gram statistic, weighted-sum output."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from ..errors import MergeError
+from .base import Chunk, OutChunk, Param, TensorContext, TensorMerge
+
+WEIGHT = Param("weight", float, 1.0, "relative weight of this model")
+
+
+def expert_weights(context: TensorContext) -> np.ndarray:
+    return np.array([p["weight"] for p in context.model_params], dtype=np.float64)
+
+
+def normalized(weights: np.ndarray, tensor: str) -> np.ndarray:
+    total = weights.sum()
+    if abs(total) < 1e-12:
+        raise MergeError(f"tensor {tensor}: model weights sum to zero; cannot normalize")
+    return weights / total
+
+
+class GramStatistic:
+    """N x N Gram matrix of the experts (or of their deltas from the base), in float64.
+
+    Kernel partials are per fixed block of the tensor and summed here in block
+    order, so the matrix does not depend on chunking or threads.
+    """
+
+    def __init__(self, n_experts: int, of_deltas: bool) -> None:
+        self.matrix = np.zeros((n_experts, n_experts))
+        self.of_deltas = of_deltas
+
+    def observe(self, chunk: Chunk) -> None:
+        n_blocks = -(-chunk.size // kernels.REDUCTION_BLOCK)
+        partials = np.empty((n_blocks, *self.matrix.shape))
+        base = chunk.base if self.of_deltas else chunk.experts[0]
+        kernels.gram_blocks(chunk.experts, chunk.encoding, base, chunk.base_encoding,
+                            self.of_deltas, partials)
+        for block in partials:
+            self.matrix += block
+
+
+def write_weighted_sum(chunk: Chunk, coefficients: np.ndarray, base_coefficient: float,
+                       out: OutChunk) -> None:
+    """out = sum_i coefficients[i] * expert_i + base_coefficient * base."""
+    base = chunk.base if chunk.base is not None else chunk.experts[0]
+    kernels.weighted_sum(chunk.experts, chunk.encoding, coefficients, base, chunk.base_encoding,
+                         float(base_coefficient) if chunk.base is not None else 0.0,
+                         out.data, out.encoding)
+
+
+class WeightedSumMerge(TensorMerge):
+    """A merge whose output is a fixed combination of the inputs (no statistics)."""
+
+    def __init__(self, coefficients: np.ndarray, base_coefficient: float = 0.0) -> None:
+        self.coefficients = coefficients
+        self.base_coefficient = base_coefficient
+        self.uses_base = base_coefficient != 0.0
+
+    def apply(self, chunk: Chunk, out: OutChunk) -> None:
+        write_weighted_sum(chunk, self.coefficients, self.base_coefficient, out)
+
+
+class GramThenWeightedSum(TensorMerge):
+    """One Gram pass, a small solve in N dimensions, then a weighted sum."""
+
+    stat_passes = 1
+
+    def __init__(self, n_experts: int, of_deltas: bool) -> None:
+        self.gram = GramStatistic(n_experts, of_deltas)
+        self.uses_base = of_deltas
+        self.coefficients = np.zeros(n_experts)
+        self.base_coefficient = 0.0
+
+    def observe(self, pass_index: int, chunk: Chunk) -> None:
+        self.gram.observe(chunk)
+
+    def end_pass(self, pass_index: int) -> None:
+        self.coefficients, self.base_coefficient = self.solve(self.gram.matrix)
+
+    def solve(self, gram: np.ndarray) -> tuple[np.ndarray, float]:
+        """Coefficients of the experts (and of the base) from the Gram matrix."""
+        raise NotImplementedError
+
+    def apply(self, chunk: Chunk, out: OutChunk) -> None:
+        write_weighted_sum(chunk, self.coefficients, self.base_coefficient, out)
