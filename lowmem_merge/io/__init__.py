@@ -2,7 +2,7 @@
 
 from .model import Model, open_local_model
 from .output_folder import OutputFolder, check_output_path
-from .safetensors_reader import DTYPE_SIZES, TensorInfo, read_safetensors_header
+from .safetensors_reader import DTYPE_SIZES, RangeReader, TensorInfo, read_safetensors_header
 from .safetensors_writer import OutputTensor, ShardedSafetensorsWriter
 from .sources import open_model
 
@@ -11,6 +11,7 @@ __all__ = [
     "Model",
     "OutputFolder",
     "OutputTensor",
+    "RangeReader",
     "ShardedSafetensorsWriter",
     "TensorInfo",
     "check_output_path",

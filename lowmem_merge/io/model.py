@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError, MergeError
-from .safetensors_reader import RangeReader, TensorInfo, read_safetensors_header
+from .safetensors_reader import TensorInfo, read_safetensors_header
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -31,7 +31,6 @@ class Model:
     label: str
     folder: Path | None
     tensors: dict[str, TensorInfo]
-    reader: RangeReader = field(default_factory=RangeReader)
 
     def companion_files(self) -> list[Path]:
         if self.folder is None:
@@ -46,12 +45,6 @@ class Model:
             return json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputFileError(path, f"not valid JSON ({exc})") from None
-
-    def read_into(self, info: TensorInfo, byte_start: int, buffer: memoryview) -> None:
-        self.reader.read_into(info.path, info.offset + byte_start, buffer)
-
-    def close(self) -> None:
-        self.reader.close()
 
 
 def open_local_model(path: Path, label: str | None = None) -> Model:

@@ -1,0 +1,1 @@
+"""The lowmem-merge command line: parses, prints, calls the library."""

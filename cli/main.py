@@ -1,0 +1,139 @@
+"""lowmem-merge commands: merge, demo, inspect, methods."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from lowmem_merge.config import build_job, parse_assignment
+from lowmem_merge.engine import MergeReport, run_merge
+from lowmem_merge.errors import MergeError
+from lowmem_merge.io import open_model
+from lowmem_merge.methods import METHODS
+from lowmem_merge.units import format_bytes
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"lowmem-merge: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(job) -> MergeReport:
+    try:
+        return run_merge(job)
+    except MergeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; the partial output was removed and nothing was written", 130)
+
+
+def _print_report(report: MergeReport) -> None:
+    for line in report.lines():
+        click.echo(line)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lowmem-merge")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the merge decides.")
+def main(verbose: bool) -> None:
+    """Merge large language models out of core, under a RAM budget."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("-o", "--out", "output", required=True, type=click.Path(path_type=Path),
+              help="Output model folder.")
+@click.option("-m", "--method", default="karcher", show_default=True,
+              type=click.Choice(sorted(METHODS)), help="Merge method.")
+@click.option("--base", help="Base model (task-vector methods; config and tokenizer source).")
+@click.option("--weights", help="Comma-separated weight per model, e.g. 0.5,0.3,0.2.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Method parameter; repeat. A comma list is a gradient over layers.")
+@click.option("--dtype", help="Output dtype: bfloat16, float16 or float32 (default: as input).")
+@click.option("--max-memory", help="Memory budget, e.g. 2GiB (default: half of available).")
+@click.option("--threads", type=int, help="Compute threads (default: all cores).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
+def merge(models, output, method, base, weights, params, dtype, max_memory, threads,
+          shard_size, force, quiet) -> None:
+    """Merge MODELS (folders, .safetensors files or hub ids org/name[@rev]) into OUT."""
+    try:
+        weight_values = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        _fail(f"--weights {weights!r}: expected comma-separated numbers")
+    try:
+        job = build_job(models, output, method=method, base=base, weights=weight_values,
+                        params=dict(parse_assignment(p) for p in params), dtype=dtype,
+                        max_memory=max_memory, threads=threads, shard_size=shard_size,
+                        force=force, progress=not quiet and sys.stderr.isatty())
+    except MergeError as exc:
+        _fail(str(exc))
+    report = _run(job)
+    if not quiet:
+        _print_report(report)
+
+
+@main.command()
+@click.option("--keep", type=click.Path(path_type=Path),
+              help="Keep the demo models and the merge in this folder.")
+@click.option("--max-memory", default="512MiB", show_default=True, help="Memory budget.")
+def demo(keep: Path | None, max_memory: str) -> None:
+    """Make a base and three small Llama-shaped experts, merge them with Karcher."""
+    from lowmem_merge.synthetic import LlamaShape, write_experts
+
+    with tempfile.TemporaryDirectory(prefix="lowmem-merge-demo-") as scratch:
+        root = keep or Path(scratch)
+        base, experts = write_experts(root, LlamaShape(), 3, seed=0)
+        click.echo(f"made a base and 3 Llama-shaped experts under {root}")
+        job = build_job(experts, root / "merged", method="karcher", base=base,
+                        max_memory=max_memory, force=True,
+                        progress=sys.stderr.isatty())
+        _print_report(_run(job))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--limit", type=int, default=None, help="List at most this many tensors.")
+def inspect(model: str, limit: int | None) -> None:
+    """List MODEL's tensors: dtype, shape, parameters and bytes."""
+    try:
+        opened = open_model(model)
+    except MergeError as exc:
+        _fail(str(exc))
+    tensors = sorted(opened.tensors.values(), key=lambda t: (str(t.path), t.offset))
+    width = max((len(t.name) for t in tensors), default=4)
+    click.echo(f"{'tensor':<{width}}  {'dtype':<7} {'shape':<20} {'params':>14} {'bytes':>12}")
+    for info in tensors[:limit]:
+        shape = "x".join(map(str, info.shape)) or "scalar"
+        click.echo(f"{info.name:<{width}}  {info.dtype:<7} {shape:<20} {info.numel:>14,}"
+                   f" {format_bytes(info.nbytes):>12}")
+    if limit is not None and len(tensors) > limit:
+        click.echo(f"... {len(tensors) - limit} more")
+    dtypes = Counter(t.dtype for t in tensors)
+    click.echo(f"{len(tensors)} tensors, {sum(t.numel for t in tensors):,} parameters,"
+               f" {format_bytes(sum(t.nbytes for t in tensors))}"
+               f" ({', '.join(f'{d}: {n}' for d, n in sorted(dtypes.items()))})")
+
+
+@main.command()
+def methods() -> None:
+    """List merge methods with their parameters and defaults."""
+    for method in METHODS.values():
+        click.echo(f"{method.name}: {method.summary}")
+        click.echo(f"  base model: {method.base_model}; models: {method.min_experts}"
+                   f"..{method.max_experts or 'N'}; {method.reference}")
+        for param in method.params:
+            click.echo(f"  --param {param.name}={param.default!r}: {param.help}")
+        for param in method.model_params:
+            click.echo(f"  per model {param.name} (--weights) default {param.default!r}:"
+                       f" {param.help}")
+        if method.notes:
+            click.echo(f"  {method.notes}")

@@ -1,0 +1,26 @@
+"""The Python API: one call, the same options as the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import build_job
+from .engine import MergeReport, run_merge
+
+
+def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path = "merged",
+          *, base: str | Path | None = None, weights: Sequence[float] | None = None,
+          dtype: str | None = None, max_memory: str | int | None = None,
+          threads: int | None = None, shard_size: str | int = "5GB", force: bool = False,
+          progress: bool = False, **params: Any) -> MergeReport:
+    """Merge models (folders, .safetensors files or hub ids) into the folder ``out``.
+
+    Method parameters are keyword arguments, e.g. ``merge([a, b], "slerp", "out", t=0.3)``;
+    a list is a gradient over layers as in mergekit.
+    """
+    job = build_job(models, out, method=method, base=base, weights=weights, params=params,
+                    dtype=dtype, max_memory=max_memory, threads=threads,
+                    shard_size=shard_size, force=force, progress=progress)
+    return run_merge(job)

@@ -1,0 +1,98 @@
+"""Merge arguments (from the CLI or the Python API) -> one validated MergeJob."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..engine import MergeJob
+from ..errors import MergeError
+from ..methods import REQUIRED, MergeMethod, get_method
+from ..units import parse_size
+from .settings import check_setting, resolve
+
+DTYPE_NAMES = {
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16",
+    "float32": "F32", "fp32": "F32", "f32": "F32", "float": "F32",
+}
+
+
+def output_dtype(name: str | None) -> str | None:
+    if name is None:
+        return None
+    try:
+        return DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise MergeError(f"unknown dtype {name!r}; use bfloat16, float16 or float32") from None
+
+
+def build_job(models: Sequence[str | Path], output: str | Path, *, method: str = "karcher",
+              base: str | Path | None = None, weights: Sequence[float] | None = None,
+              params: dict[str, Any] | None = None,
+              model_params: Sequence[dict[str, Any]] | None = None,
+              dtype: str | None = None, max_memory: str | int | None = None,
+              threads: int | None = None, shard_size: str | int = "5GB",
+              force: bool = False, progress: bool = False) -> MergeJob:
+    merge_method = get_method(method)
+    experts = [str(m) for m in models]
+    base_ref = str(base) if base is not None else None
+    per_model = [dict(p) for p in model_params] if model_params else [{} for _ in experts]
+    if len(per_model) != len(experts):
+        raise MergeError(f"{len(per_model)} per-model parameter sets for {len(experts)} models")
+    if weights is not None:
+        if len(weights) != len(experts):
+            raise MergeError(f"--weights has {len(weights)} values for {len(experts)} models")
+        for scope, weight in zip(per_model, weights):
+            scope["weight"] = weight
+    if merge_method.base_goes_first and base_ref is not None:
+        experts, per_model, base_ref = [base_ref, *experts], [{}, *per_model], None
+    problem = merge_method.check_inputs(len(experts), base_ref is not None)
+    if problem:
+        raise MergeError(problem)
+    global_params = dict(params or {})
+    _check_params(merge_method, global_params, per_model)
+    if threads is not None and threads < 1:
+        raise MergeError(f"--threads must be at least 1, got {threads}")
+    return MergeJob(
+        method=merge_method, experts=experts, base=base_ref,
+        resolve_params=_resolver(merge_method, global_params, per_model, experts),
+        output=Path(output), out_dtype=output_dtype(dtype),
+        max_memory=parse_size(max_memory, "--max-memory") if max_memory is not None else None,
+        threads=threads, shard_size=parse_size(shard_size, "--shard-size"), force=force,
+        progress=progress)
+
+
+def _check_params(method: MergeMethod, global_params: dict[str, Any],
+                  per_model: list[dict[str, Any]]) -> None:
+    known = {p.name: p for p in method.params + method.model_params}
+    for name, setting in global_params.items():
+        if name not in known:
+            raise MergeError(f"method {method.name!r} has no parameter {name!r};"
+                             f" it takes: {', '.join(known) or 'none'}")
+        check_setting(known[name], setting, f"parameter {name}")
+    model_known = {p.name: p for p in method.model_params}
+    for i, scope in enumerate(per_model):
+        for name, setting in scope.items():
+            if name not in model_known:
+                raise MergeError(f"method {method.name!r} has no per-model parameter {name!r};"
+                                 f" it takes: {', '.join(model_known) or 'none'}")
+            check_setting(model_known[name], setting, f"model {i + 1}: parameter {name}")
+    for param in method.params:
+        if param.default is REQUIRED and param.name not in global_params:
+            raise MergeError(f"method {method.name!r} needs parameter {param.name!r}"
+                             f" (--param {param.name}=...)")
+
+
+def _resolver(method: MergeMethod, global_params: dict[str, Any],
+              per_model: list[dict[str, Any]], experts: list[str]):
+    def resolve_for(tensor: str, position: float):
+        params = {p.name: resolve(p, [global_params], tensor, position, "parameters")
+                  for p in method.params}
+        model_params = tuple(
+            {p.name: resolve(p, [scope, global_params], tensor, position, f"model {ref}")
+             for p in method.model_params}
+            for scope, ref in zip(per_model, experts))
+        return params, model_params
+    return resolve_for

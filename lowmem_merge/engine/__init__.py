@@ -1,0 +1,18 @@
+"""The streaming engine: plans tensors, sizes chunks to the budget, runs the pipeline.
+
+It knows nothing of any method's math: it feeds chunks to the method's
+statistics passes and apply pass.
+"""
+
+from .budget import cgroup_memory_limit, default_max_memory
+from .job import MergeJob, MergeReport, ParamResolver
+from .run import run_merge
+
+__all__ = [
+    "MergeJob",
+    "MergeReport",
+    "ParamResolver",
+    "cgroup_memory_limit",
+    "default_max_memory",
+    "run_merge",
+]

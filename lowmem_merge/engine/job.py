@@ -1,0 +1,60 @@
+"""What the engine is asked to do: everything resolved except the tensors themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..methods import MergeMethod
+
+# (tensor name, position of its layer in [0, 1]) -> (method params, per-expert params)
+ParamResolver = Callable[[str, float], tuple[dict[str, Any], tuple[dict[str, Any], ...]]]
+
+
+@dataclass
+class MergeJob:
+    method: MergeMethod
+    experts: list[str]
+    base: str | None
+    resolve_params: ParamResolver
+    output: Path
+    out_dtype: str | None = None  # safetensors dtype name (BF16, F16, F32) or None: as input
+    max_memory: int | None = None
+    threads: int | None = None
+    shard_size: int = 5 * 1000**3
+    force: bool = False
+    progress: bool = False
+
+
+@dataclass
+class MergeReport:
+    method: str
+    output: Path
+    experts: int
+    tensors_merged: int
+    tensors_copied: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss: int
+    max_memory: int
+    chunk_elements: int
+    streamed_tensors: int
+
+    def lines(self) -> list[str]:
+        from ..units import format_bytes
+
+        rate = self.bytes_read / self.seconds / 1e6 if self.seconds else 0.0
+        return [
+            f"method          {self.method} ({self.experts} experts)",
+            f"output          {self.output}",
+            f"tensors         {self.tensors_merged} merged, {self.tensors_copied} copied,"
+            f" {self.streamed_tensors} streamed in chunks",
+            f"read            {format_bytes(self.bytes_read)} ({rate:.0f} MB/s)",
+            f"written         {format_bytes(self.bytes_written)}",
+            f"time            {self.seconds:.2f} s",
+            f"peak RSS        {format_bytes(self.peak_rss)}"
+            f" (budget {format_bytes(self.max_memory)}, chunk {self.chunk_elements:,} elements)",
+        ]

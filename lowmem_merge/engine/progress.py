@@ -1,0 +1,42 @@
+"""A progress bar over bytes read and tensors done (stderr, only when asked)."""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from .pipeline import ALL_PASSES, Loaded
+from .tensors import TensorTask
+
+
+class Progress:
+    def __init__(self, tasks: list[TensorTask], chunk: int, enabled: bool) -> None:
+        self.total_tensors = len(tasks)
+        self.done = 0
+        self.bar = None
+        if enabled:
+            total = sum(_planned_bytes(task, chunk) for task in tasks)
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc="merging", dynamic_ncols=True, leave=False)
+
+    def advance(self, loaded: Loaded) -> None:
+        if self.bar is None:
+            return
+        final_pass = loaded.pass_index == ALL_PASSES or loaded.task.merge is None \
+            or loaded.pass_index == loaded.task.merge.stat_passes
+        if loaded.last and final_pass:
+            self.done += 1
+            self.bar.set_postfix_str(f"tensors {self.done}/{self.total_tensors}", refresh=False)
+        self.bar.update(loaded.bytes_read)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _planned_bytes(task: TensorTask, chunk: int) -> int:
+    if task.merge is None:
+        return task.copy_from[1].nbytes
+    once = sum(t.nbytes for t in task.experts)
+    if task.merge.uses_base and task.base is not None:
+        once += task.base.nbytes
+    return once * (1 if task.numel <= chunk else task.merge.stat_passes + 1)

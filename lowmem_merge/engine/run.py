@@ -1,0 +1,116 @@
+"""Run a merge job: open inputs, plan tensors, stream them through the pipeline."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from .. import __version__, kernels
+from ..io import OutputFolder, ShardedSafetensorsWriter, check_output_path, open_model
+from ..methods import Chunk, OutChunk
+from .budget import chunk_elements, default_max_memory, peak_rss
+from .job import MergeJob, MergeReport
+from .pipeline import Loaded, Pipeline, bytes_per_element
+from .progress import Progress
+from .tensors import ENCODINGS, STORAGE, TensorTask, plan_tensors
+
+log = logging.getLogger(__name__)
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def run_merge(job: MergeJob) -> MergeReport:
+    started = time.perf_counter()
+    if job.threads:
+        numba.set_num_threads(min(job.threads, numba.config.NUMBA_NUM_THREADS))
+    experts = [open_model(ref) for ref in job.experts]
+    base = open_model(job.base) if job.base else None
+    inputs = experts + ([base] if base else [])
+    check_output_path(job.output, [Path(t.path) for m in inputs for t in m.tensors.values()]
+                      + [m.folder for m in inputs if m.folder], job.force)
+    tasks = plan_tensors(experts, base, job.method, job.resolve_params, job.out_dtype)
+    _warm_kernels(tasks)
+    max_memory = job.max_memory or default_max_memory()
+    chunk = chunk_elements(max_memory, bytes_per_element(tasks, len(experts)))
+    folder = OutputFolder(job.output)
+    try:
+        writer = ShardedSafetensorsWriter(folder.staging, [t.output for t in tasks],
+                                          job.shard_size, _provenance(job))
+        progress = Progress(tasks, chunk, enabled=job.progress)
+        bytes_read = 0
+
+        def on_progress(loaded: Loaded) -> None:
+            nonlocal bytes_read
+            bytes_read += loaded.bytes_read
+            progress.advance(loaded)
+
+        try:
+            Pipeline(tasks, chunk, len(experts), writer, on_progress).run()
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.close()
+        _copy_companions(base or experts[0], folder.staging, tasks)
+        folder.commit()
+    except BaseException:
+        folder.abort()
+        raise
+    return MergeReport(
+        method=job.method.name, output=job.output, experts=len(experts),
+        tensors_merged=sum(t.merge is not None for t in tasks),
+        tensors_copied=sum(t.merge is None for t in tasks),
+        bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks),
+        seconds=time.perf_counter() - started, peak_rss=peak_rss(), max_memory=max_memory,
+        chunk_elements=chunk, streamed_tensors=sum(t.numel > chunk for t in tasks))
+
+
+def _warm_kernels(tasks: list[TensorTask]) -> None:
+    """Compile (or load from cache) every kernel variant before memory is measured."""
+    seen = set()
+    for task in tasks:
+        if task.merge is None:
+            continue
+        encodings = {ENCODINGS[t.dtype] for t in task.experts}
+        encoding = encodings.pop() if len(encodings) == 1 else kernels.F32
+        base_encoding = ENCODINGS[task.base.dtype] if task.base is not None else kernels.F32
+        key = (type(task.merge), encoding, base_encoding, task.out_encoding, len(task.experts))
+        if key in seen:
+            continue
+        seen.add(key)
+        n = len(task.experts)
+        stack = np.zeros((n, 1), STORAGE[encoding])
+        base = np.zeros(1, STORAGE[base_encoding]) if task.merge.uses_base else None
+        clone = copy.deepcopy(task.merge)
+        chunk = Chunk(stack, encoding, base, base_encoding, 0)
+        for pass_index in range(clone.stat_passes):
+            clone.observe(pass_index, chunk)
+        clone.apply(chunk, OutChunk(np.zeros(1, STORAGE[task.out_encoding]), task.out_encoding))
+
+
+def _provenance(job: MergeJob) -> dict[str, str]:
+    return {"format": "pt", "merged_by": f"lowmem-merge {__version__}",
+            "merge_method": job.method.name,
+            "merge_inputs": json.dumps({"experts": job.experts, "base": job.base})}
+
+
+def _copy_companions(source, folder: Path, tasks: list[TensorTask]) -> None:
+    """Config and tokenizer files from the base (or first model); config's dtype updated."""
+    for path in source.companion_files():
+        shutil.copyfile(path, folder / path.name)
+    config_path = folder / "config.json"
+    dtypes = {t.output.dtype for t in tasks if t.merge is not None}
+    if config_path.is_file() and len(dtypes) == 1:
+        config = json.loads(config_path.read_text())
+        name = TORCH_DTYPE_NAMES[dtypes.pop()]
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = name
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
