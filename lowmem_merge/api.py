@@ -14,13 +14,16 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
           *, base: str | Path | None = None, weights: Sequence[float] | None = None,
           dtype: str | None = None, max_memory: str | int | None = None,
           threads: int | None = None, shard_size: str | int = "5GB", force: bool = False,
-          progress: bool = False, **params: Any) -> MergeReport:
+          progress: bool = False, chunk_elements: int | None = None,
+          **params: Any) -> MergeReport:
     """Merge models (folders, .safetensors files or hub ids) into the folder ``out``.
 
     Method parameters are keyword arguments, e.g. ``merge([a, b], "slerp", "out", t=0.3)``;
-    a list is a gradient over layers as in mergekit.
+    a list is a gradient over layers as in mergekit. ``chunk_elements`` fixes the chunk
+    size (a multiple of 65536) instead of deriving it from ``max_memory``.
     """
     job = build_job(models, out, method=method, base=base, weights=weights, params=params,
                     dtype=dtype, max_memory=max_memory, threads=threads,
-                    shard_size=shard_size, force=force, progress=progress)
+                    shard_size=shard_size, force=force, progress=progress,
+                    chunk_elements=chunk_elements)
     return run_merge(job)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine import MergeJob
+from ..engine import CHUNK_ALIGN, MergeJob
 from ..errors import MergeError
 from ..methods import REQUIRED, MergeMethod, get_method
 from ..units import parse_size
@@ -34,7 +34,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
               model_params: Sequence[dict[str, Any]] | None = None,
               dtype: str | None = None, max_memory: str | int | None = None,
               threads: int | None = None, shard_size: str | int = "5GB",
-              force: bool = False, progress: bool = False) -> MergeJob:
+              force: bool = False, progress: bool = False,
+              chunk_elements: int | None = None) -> MergeJob:
     merge_method = get_method(method)
     experts = [str(m) for m in models]
     base_ref = str(base) if base is not None else None
@@ -53,6 +54,10 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
         raise MergeError(problem)
     global_params = dict(params or {})
     _check_params(merge_method, global_params, per_model)
+    if chunk_elements is not None and (chunk_elements < CHUNK_ALIGN
+                                       or chunk_elements % CHUNK_ALIGN):
+        raise MergeError(f"chunk size must be a positive multiple of {CHUNK_ALIGN} elements,"
+                         f" got {chunk_elements}")
     if threads is not None and threads < 1:
         raise MergeError(f"--threads must be at least 1, got {threads}")
     return MergeJob(
@@ -61,7 +66,7 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
         output=Path(output), out_dtype=output_dtype(dtype),
         max_memory=parse_size(max_memory, "--max-memory") if max_memory is not None else None,
         threads=threads, shard_size=parse_size(shard_size, "--shard-size"), force=force,
-        progress=progress)
+        progress=progress, chunk_elements=chunk_elements)
 
 
 def _check_params(method: MergeMethod, global_params: dict[str, Any],

@@ -4,11 +4,12 @@ It knows nothing of any method's math: it feeds chunks to the method's
 statistics passes and apply pass.
 """
 
-from .budget import cgroup_memory_limit, default_max_memory
+from .budget import CHUNK_ALIGN, cgroup_memory_limit, default_max_memory
 from .job import MergeJob, MergeReport, ParamResolver
 from .run import run_merge
 
 __all__ = [
+    "CHUNK_ALIGN",
     "MergeJob",
     "MergeReport",
     "ParamResolver",

@@ -26,6 +26,9 @@ class MergeJob:
     shard_size: int = 5 * 1000**3
     force: bool = False
     progress: bool = False
+    # Fixed chunk size in elements (a multiple of CHUNK_ALIGN), for tests and tuning;
+    # None sizes chunks from max_memory.
+    chunk_elements: int | None = None
 
 
 @dataclass

@@ -32,12 +32,13 @@ def run_merge(job: MergeJob) -> MergeReport:
     experts = [open_model(ref) for ref in job.experts]
     base = open_model(job.base) if job.base else None
     inputs = experts + ([base] if base else [])
-    check_output_path(job.output, [Path(t.path) for m in inputs for t in m.tensors.values()]
-                      + [m.folder for m in inputs if m.folder], job.force)
+    check_output_path(job.output, [t.path for m in inputs for t in m.tensors.values()],
+                      [m.folder for m in inputs if m.is_folder], job.force)
     tasks = plan_tensors(experts, base, job.method, job.resolve_params, job.out_dtype)
     _warm_kernels(tasks)
     max_memory = job.max_memory or default_max_memory()
-    chunk = chunk_elements(max_memory, bytes_per_element(tasks, len(experts)))
+    chunk = job.chunk_elements or chunk_elements(max_memory,
+                                                 bytes_per_element(tasks, len(experts)))
     folder = OutputFolder(job.output)
     try:
         writer = ShardedSafetensorsWriter(folder.staging, [t.output for t in tasks],

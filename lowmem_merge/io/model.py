@@ -31,6 +31,7 @@ class Model:
     label: str
     folder: Path | None
     tensors: dict[str, TensorInfo]
+    is_folder: bool = True  # False when opened as a single .safetensors file
 
     def companion_files(self) -> list[Path]:
         if self.folder is None:
@@ -53,7 +54,7 @@ def open_local_model(path: Path, label: str | None = None) -> Model:
     if path.is_file():
         _refuse_non_safetensors(path)
         tensors, _ = read_safetensors_header(path)
-        return Model(label, path.parent, tensors)
+        return Model(label, path.parent, tensors, is_folder=False)
     if not path.is_dir():
         raise MergeError(f"{path}: no such file or folder")
     index = path / INDEX_NAME

@@ -9,16 +9,20 @@ from pathlib import Path
 from ..errors import MergeError
 
 
-def check_output_path(target: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse an output that is, or lies inside, an input, or exists without --force."""
+def check_output_path(target: Path, files: list[Path], folders: list[Path],
+                      force: bool) -> None:
+    """Refuse an output that is or contains an input file, or lies inside an input folder;
+    refuse to replace an existing output without force."""
     resolved = target.resolve()
-    for source in inputs:
+    for source in files:
         source = source.resolve()
-        source_dir = source if source.is_dir() else source.parent
-        if resolved == source or resolved == source_dir or source_dir in resolved.parents \
-                or resolved in source.parents:
-            raise MergeError(f"{target}: the output may not be, contain or lie inside the"
-                             f" input {source}")
+        if resolved == source or resolved in source.parents:
+            raise MergeError(f"{target}: the output would replace the input {source}")
+    for folder in folders:
+        folder = folder.resolve()
+        if resolved == folder or folder in resolved.parents:
+            raise MergeError(f"{target}: the output may not be or lie inside the input"
+                             f" model folder {folder}")
     if target.exists() and not force:
         raise MergeError(f"{target}: already exists; pass --force to replace it")
 

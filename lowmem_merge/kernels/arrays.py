@@ -46,16 +46,23 @@ def gram_blocks(stack, encoding, base, base_encoding, subtract_base, partials):
 
 @njit(parallel=True, nogil=True, cache=True)
 def weighted_sum(stack, encoding, coefficients, base, base_encoding, base_coefficient,
-                 out, out_encoding):
-    """out = sum_i coefficients[i] * stack[i] + base_coefficient * base, in float64."""
+                 around_base, out, out_encoding):
+    """out = sum_i c_i x_i, or around a base: base_coefficient * b + sum_i c_i (x_i - b).
+
+    Deltas from a base are exact in float64, so task-vector merges of nearly
+    identical models lose nothing to cancellation.
+    """
     n_experts, n = stack.shape
-    use_base = base_coefficient != 0.0
     for j in prange(n):
         total = 0.0
-        for i in range(n_experts):
-            total += coefficients[i] * np.float64(decode(stack[i, j], encoding))
-        if use_base:
-            total += base_coefficient * np.float64(decode(base[j], base_encoding))
+        if around_base:
+            b = np.float64(decode(base[j], base_encoding))
+            for i in range(n_experts):
+                total += coefficients[i] * (np.float64(decode(stack[i, j], encoding)) - b)
+            total += base_coefficient * b
+        else:
+            for i in range(n_experts):
+                total += coefficients[i] * np.float64(decode(stack[i, j], encoding))
         out[j] = encode(total, out_encoding)
 
 

@@ -43,22 +43,22 @@ class GramStatistic:
             self.matrix += block
 
 
-def write_weighted_sum(chunk: Chunk, coefficients: np.ndarray, base_coefficient: float,
+def write_weighted_sum(chunk: Chunk, coefficients: np.ndarray, base_coefficient: float | None,
                        out: OutChunk) -> None:
-    """out = sum_i coefficients[i] * expert_i + base_coefficient * base."""
-    base = chunk.base if chunk.base is not None else chunk.experts[0]
+    """out = sum_i c_i x_i, or with a base_coefficient: beta * base + sum_i c_i (x_i - base)."""
+    around_base = base_coefficient is not None
+    base = chunk.base if around_base else chunk.experts[0]
     kernels.weighted_sum(chunk.experts, chunk.encoding, coefficients, base, chunk.base_encoding,
-                         float(base_coefficient) if chunk.base is not None else 0.0,
-                         out.data, out.encoding)
+                         float(base_coefficient or 0.0), around_base, out.data, out.encoding)
 
 
 class WeightedSumMerge(TensorMerge):
-    """A merge whose output is a fixed combination of the inputs (no statistics)."""
+    """A fixed combination of the inputs (no statistics); see write_weighted_sum."""
 
-    def __init__(self, coefficients: np.ndarray, base_coefficient: float = 0.0) -> None:
+    def __init__(self, coefficients: np.ndarray, base_coefficient: float | None = None) -> None:
         self.coefficients = coefficients
         self.base_coefficient = base_coefficient
-        self.uses_base = base_coefficient != 0.0
+        self.uses_base = base_coefficient is not None
 
     def apply(self, chunk: Chunk, out: OutChunk) -> None:
         write_weighted_sum(chunk, self.coefficients, self.base_coefficient, out)
@@ -73,7 +73,7 @@ class GramThenWeightedSum(TensorMerge):
         self.gram = GramStatistic(n_experts, of_deltas)
         self.uses_base = of_deltas
         self.coefficients = np.zeros(n_experts)
-        self.base_coefficient = 0.0
+        self.base_coefficient: float | None = 1.0 if of_deltas else None
 
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         self.gram.observe(chunk)
@@ -81,8 +81,8 @@ class GramThenWeightedSum(TensorMerge):
     def end_pass(self, pass_index: int) -> None:
         self.coefficients, self.base_coefficient = self.solve(self.gram.matrix)
 
-    def solve(self, gram: np.ndarray) -> tuple[np.ndarray, float]:
-        """Coefficients of the experts (and of the base) from the Gram matrix."""
+    def solve(self, gram: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Coefficients of the experts (and of the base, see write_weighted_sum)."""
         raise NotImplementedError
 
     def apply(self, chunk: Chunk, out: OutChunk) -> None:

@@ -40,7 +40,9 @@ def karcher_coefficients(gram: np.ndarray, weights: np.ndarray, max_iter: int = 
     for _ in range(max_iter):
         cosines = np.clip(unit_gram @ c, -1.0, 1.0)
         angles = np.arccos(cosines)
-        moving = angles >= tol  # experts at the iterate pull nothing (as the paper's code)
+        # Experts at the iterate pull nothing (as in the paper's code); at the antipode
+        # the log map is undefined, so an exactly opposite expert pulls nothing either.
+        moving = (angles >= tol) & (angles <= np.pi - 1e-7)
         w = np.zeros_like(a)
         w[moving] = a[moving] * angles[moving] / np.sin(angles[moving])
         tangent = w - (w @ cosines) * c
@@ -70,12 +72,11 @@ class _KarcherTensor(GramThenWeightedSum):
         self.context = context
         self.task_vectors = task_vectors
 
-    def solve(self, gram: np.ndarray) -> tuple[np.ndarray, float]:
+    def solve(self, gram: np.ndarray) -> tuple[np.ndarray, float | None]:
         params = self.context.params
         k = karcher_coefficients(gram, expert_weights(self.context), int(params["max_iter"]),
                                  float(params["tol"]), self.context.name)
-        # In task-vector mode: base + sum k_i (x_i - base).
-        return k, (1.0 - k.sum()) if self.task_vectors else 0.0
+        return k, 1.0 if self.task_vectors else None  # task vectors: base + sum k_i (x_i - base)
 
 
 class Karcher(MergeMethod):

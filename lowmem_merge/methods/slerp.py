@@ -27,8 +27,8 @@ class _SlerpTensor(GramThenWeightedSum):
         super().__init__(2, of_deltas=False)
         self.t = t
 
-    def solve(self, gram: np.ndarray) -> tuple[np.ndarray, float]:
-        return slerp_coefficients(gram, self.t), 0.0
+    def solve(self, gram: np.ndarray) -> tuple[np.ndarray, None]:
+        return slerp_coefficients(gram, self.t), None
 
 
 class Slerp(MergeMethod):

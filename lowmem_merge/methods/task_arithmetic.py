@@ -19,6 +19,4 @@ class TaskArithmetic(MergeMethod):
         weights = expert_weights(context)
         if context.params["normalize"] and abs(weights.sum()) >= 1e-8:
             weights = weights / weights.sum()
-        coefficients = context.params["lambda"] * weights
-        # base + sum c_i (x_i - base) == sum c_i x_i + (1 - sum c_i) base
-        return WeightedSumMerge(coefficients, 1.0 - coefficients.sum())
+        return WeightedSumMerge(context.params["lambda"] * weights, base_coefficient=1.0)
