@@ -105,7 +105,8 @@ def _tensors_from_index(folder: Path, index: Path) -> dict[str, TensorInfo]:
                 index, f"weight_map[{name!r}] = {file_name!r} points outside the model folder")
         if file_name not in headers:
             if not shard.is_file():
-                raise InputFileError(index, f"weight_map[{name!r}] names missing file {file_name!r}")
+                raise InputFileError(index,
+                                     f"weight_map[{name!r}] names missing file {file_name!r}")
             headers[file_name], _ = read_safetensors_header(folder / file_name)
         if name not in headers[file_name]:
             raise InputFileError(index, f"tensor {name!r} is not in {file_name}")

@@ -84,7 +84,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int,
         raise InputFileError(path, f"tensor {name!r}: shape {shape!r} is not a list of sizes")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-        raise InputFileError(path, f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
+        raise InputFileError(path,
+                             f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise InputFileError(
@@ -132,7 +133,8 @@ class RangeReader:
         while done < len(view):
             count = os.preadv(fd, [view[done:]], offset + done)
             if count == 0:
-                raise InputFileError(path, f"file ends early: expected data at byte {offset + done}")
+                raise InputFileError(path,
+                                     f"file ends early: expected data at byte {offset + done}")
             done += count
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)

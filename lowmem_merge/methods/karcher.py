@@ -81,7 +81,7 @@ class _KarcherTensor(GramThenWeightedSum):
 
 class Karcher(MergeMethod):
     name = "karcher"
-    summary = "Fisher-Rao weighted Karcher mean on the sphere (keeps norms, stable for many experts)"
+    summary = "Fisher-Rao weighted Karcher mean on the sphere (keeps norms, stable as N grows)"
     reference = "https://arxiv.org/abs/2603.04972"
     base_model = "optional"
     min_experts = 1
