@@ -137,3 +137,7 @@ def methods() -> None:
                        f" {param.help}")
         if method.notes:
             click.echo(f"  {method.notes}")
+
+
+if __name__ == "__main__":
+    main()

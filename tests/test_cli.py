@@ -1,0 +1,91 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import read_safetensors, write_safetensors
+
+from lowmem_merge_cli.main import main
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_demo_merges_and_reports(tmp_path):
+    result = invoke("demo", "--keep", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    for word in ("karcher", "tensors", "read", "written", "time", "peak RSS"):
+        assert word in result.output
+    merged, dtypes = read_safetensors(tmp_path / "merged")
+    assert len(merged) == 21 and set(dtypes.values()) == {"BF16"}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_merge_with_params_weights_and_report(tmp_path):
+    rng = np.random.default_rng(0)
+    a = write_safetensors(tmp_path / "a.safetensors", {"w": rng.standard_normal(100)})
+    b = write_safetensors(tmp_path / "b.safetensors", {"w": rng.standard_normal(100)})
+    out = tmp_path / "out"
+    result = invoke("merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                    "--method", "linear", "--weights", "3,1", "--param", "normalize=false",
+                    "--dtype", "float32", "--max-memory", "1GiB", "--threads", "1", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "linear (2 experts)" in result.output
+    np.testing.assert_allclose(read_safetensors(out)[0]["w"], 3 * a["w"] + b["w"], rtol=1e-6)
+
+
+def test_quiet_prints_nothing(tmp_path):
+    write_safetensors(tmp_path / "a.safetensors", {"w": np.ones(4)})
+    result = invoke("merge", str(tmp_path / "a.safetensors"), "-m", "linear", "-q",
+                    "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0 and result.output == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "1,x"], "--weights '1,x'"),
+    (["--param", "nokey"], "expected key=value"),
+    (["--dtype", "int8"], "unknown dtype 'int8'"),
+    (["--max-memory", "lots"], "--max-memory: cannot read 'lots'"),
+    (["--max-memory", "1MiB"], "too small"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
+    write_safetensors(tmp_path / "a.safetensors", {"w": np.ones(4)})
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "a.safetensors"), "-m", "linear",
+                                       "-o", str(tmp_path / "out"), *args])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_lists_tensors(tmp_path):
+    write_safetensors(tmp_path / "a.safetensors", {"w": np.ones((3, 4)), "b": np.ones(2)},
+                      "BF16")
+    result = invoke("inspect", str(tmp_path / "a.safetensors"))
+    assert result.exit_code == 0
+    assert "w" in result.output and "3x4" in result.output
+    assert "2 tensors, 14 parameters, 28 B (BF16: 2)" in result.output
+
+
+def test_methods_lists_parameters_and_defaults():
+    result = invoke("methods")
+    for text in ("karcher", "max_iter=10", "tol=1e-05", "linear", "normalize=True", "slerp",
+                 "t=required", "task_arithmetic", "lambda=1.0"):
+        assert text in result.output
+
+
+def test_loads_in_transformers(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is in the test extra only")
+    transformers = pytest.importorskip("transformers")
+    assert invoke("demo", "--keep", str(tmp_path)).exit_code == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    merged = read_safetensors(tmp_path / "merged")[0]
+    state = model.state_dict()
+    for name, values in merged.items():
+        np.testing.assert_array_equal(state[name].to(torch.float64).numpy(), values)
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
