@@ -1,10 +1,18 @@
 """Array kernels over raw (undecoded) tensor data.
 
-Experts arrive as a 2-D stack of raw bits, one row per expert, sharing one
-encoding. Every reduction is split into fixed blocks aligned to the tensor's
-global element index and summed in block order, so results are bit-identical
-whatever the chunk size or thread count.
+Experts arrive as rows of raw bits (one row per expert) sharing one encoding.
+The hot kernels are specialised per encoding by small factories, so decode
+and encode compile to straight-line code that LLVM vectorises, and take the
+rows as a tuple, so the number of experts is a compile-time constant too.
+Numba caches each variant on disk (closure values are part of its key).
+
+Every reduction is split into fixed blocks aligned to the tensor's global
+element index, with a fixed summation order inside a block, and the blocks
+are summed in order by the caller: results are bit-identical whatever the
+chunk size, thread count or machine.
 """
+
+from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange
@@ -15,55 +23,84 @@ from .scalars import decode, encode, narrow_f32
 REDUCTION_BLOCK = 8192
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def gram_blocks(stack, encoding, base, base_encoding, subtract_base, partials):
+@lru_cache(maxsize=None)
+def _gram_kernel(encoding: int, base_encoding: int, subtract_base: bool):
+    @njit(parallel=True, nogil=True, cache=True)
+    def gram(rows, base, partials):
+        n_experts = len(rows)
+        n = rows[0].shape[0]
+        for block in prange(partials.shape[0]):
+            lo = block * REDUCTION_BLOCK
+            width = min(n, lo + REDUCTION_BLOCK) - lo
+            values = np.empty((n_experts, width))
+            for i in range(n_experts):
+                row = rows[i]
+                for j in range(width):
+                    value = np.float64(decode(row[lo + j], encoding))
+                    if subtract_base:
+                        value -= np.float64(decode(base[lo + j], base_encoding))
+                    values[i, j] = value
+            for i in range(n_experts):
+                for k in range(i, n_experts):
+                    # Four interleaved sums in a fixed order: vectorisable, still deterministic.
+                    s0 = s1 = s2 = s3 = 0.0
+                    j = 0
+                    while j + 4 <= width:
+                        s0 += values[i, j] * values[k, j]
+                        s1 += values[i, j + 1] * values[k, j + 1]
+                        s2 += values[i, j + 2] * values[k, j + 2]
+                        s3 += values[i, j + 3] * values[k, j + 3]
+                        j += 4
+                    while j < width:
+                        s0 += values[i, j] * values[k, j]
+                        j += 1
+                    total = (s0 + s1) + (s2 + s3)
+                    partials[block, i, k] = total
+                    partials[block, k, i] = total
+    return gram
+
+
+def gram_blocks(stack: np.ndarray, encoding: int, base: np.ndarray, base_encoding: int,
+                subtract_base: bool, partials: np.ndarray) -> None:
     """Per-block Gram matrices of the rows of ``stack`` (minus ``base`` if asked).
 
     partials has shape (n_blocks, N, N); block b covers elements
     [b * REDUCTION_BLOCK, (b + 1) * REDUCTION_BLOCK) of this chunk.
     """
-    n_experts, n = stack.shape
-    n_blocks = partials.shape[0]
-    for block in prange(n_blocks):
-        lo = block * REDUCTION_BLOCK
-        hi = min(n, lo + REDUCTION_BLOCK)
-        width = hi - lo
-        values = np.empty((n_experts, width))
-        for i in range(n_experts):
-            for j in range(width):
-                v = np.float64(decode(stack[i, lo + j], encoding))
-                if subtract_base:
-                    v -= np.float64(decode(base[lo + j], base_encoding))
-                values[i, j] = v
-        for i in range(n_experts):
-            for k in range(i, n_experts):
-                total = 0.0
-                for j in range(width):
-                    total += values[i, j] * values[k, j]
-                partials[block, i, k] = total
-                partials[block, k, i] = total
+    _gram_kernel(encoding, base_encoding, subtract_base)(tuple(stack), base, partials)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def weighted_sum(stack, encoding, coefficients, base, base_encoding, base_coefficient,
-                 around_base, out, out_encoding):
+@lru_cache(maxsize=None)
+def _weighted_sum_kernel(encoding: int, base_encoding: int, around_base: bool,
+                         out_encoding: int):
+    @njit(parallel=True, nogil=True, cache=True)
+    def weighted(rows, coefficients, base, base_coefficient, out):
+        n_experts = len(rows)
+        for j in prange(out.shape[0]):
+            total = 0.0
+            if around_base:
+                b = np.float64(decode(base[j], base_encoding))
+                for i in range(n_experts):
+                    total += coefficients[i] * (np.float64(decode(rows[i][j], encoding)) - b)
+                total += base_coefficient * b
+            else:
+                for i in range(n_experts):
+                    total += coefficients[i] * np.float64(decode(rows[i][j], encoding))
+            out[j] = encode(total, out_encoding)
+    return weighted
+
+
+def weighted_sum(stack: np.ndarray, encoding: int, coefficients: np.ndarray, base: np.ndarray,
+                 base_encoding: int, base_coefficient: float, around_base: bool,
+                 out: np.ndarray, out_encoding: int) -> None:
     """out = sum_i c_i x_i, or around a base: base_coefficient * b + sum_i c_i (x_i - b).
 
-    Deltas from a base are exact in float64, so task-vector merges of nearly
-    identical models lose nothing to cancellation.
+    Sums are float64 and each output is rounded once. Deltas from a base are
+    exact in float64, so task-vector merges of nearly identical models lose
+    nothing to cancellation.
     """
-    n_experts, n = stack.shape
-    for j in prange(n):
-        total = 0.0
-        if around_base:
-            b = np.float64(decode(base[j], base_encoding))
-            for i in range(n_experts):
-                total += coefficients[i] * (np.float64(decode(stack[i, j], encoding)) - b)
-            total += base_coefficient * b
-        else:
-            for i in range(n_experts):
-                total += coefficients[i] * np.float64(decode(stack[i, j], encoding))
-        out[j] = encode(total, out_encoding)
+    kernel = _weighted_sum_kernel(encoding, base_encoding, around_base, out_encoding)
+    kernel(tuple(stack), coefficients, base, base_coefficient, out)
 
 
 @njit(parallel=True, nogil=True, cache=True)
