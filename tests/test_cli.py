@@ -89,3 +89,12 @@ def test_loads_in_transformers(tmp_path):
         np.testing.assert_array_equal(state[name].to(torch.float64).numpy(), values)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+
+def test_progress_bar_shows_bytes_and_tensors(tmp_path, capsys):
+    import lowmem_merge
+
+    write_safetensors(tmp_path / "a.safetensors", {"w": np.ones(1000), "v": np.ones(10)})
+    lowmem_merge.merge([tmp_path / "a.safetensors"], "linear", tmp_path / "out", progress=True)
+    bar = capsys.readouterr().err
+    assert "merging" in bar and "tensors 2/2" in bar and "B/s" in bar

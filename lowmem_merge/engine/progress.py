@@ -30,6 +30,7 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.refresh()  # the final state, even for merges faster than one refresh
             self.bar.close()
 
 
