@@ -230,3 +230,16 @@ def test_non_float_tensors_are_copied_from_the_base(tmp_path):
     values, dtypes_out = read_safetensors(out)
     assert dtypes_out["position_ids"] == "I64"
     assert np.array_equal(values["position_ids"], np.arange(10))
+
+
+def test_empty_and_scalar_tensors(tmp_path):
+    tensors = {"empty": np.zeros((0, 5)), "scalar": np.array(2.0), "w": np.ones(3)}
+    for name, scale in (("a", 1.0), ("b", 3.0)):
+        write_safetensors(tmp_path / f"{name}.safetensors",
+                          {k: v * scale for k, v in tensors.items()})
+    out = tmp_path / "out"
+    lowmem_merge.merge([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], "karcher", out)
+    got = read_safetensors(out)[0]
+    assert got["empty"].shape == (0, 5)
+    assert got["scalar"].shape == () and got["scalar"] == pytest.approx(4.0)
+    np.testing.assert_allclose(got["w"], 2.0)

@@ -127,8 +127,10 @@ class RangeReader:
         return fd
 
     def read_into(self, path: Path, offset: int, buffer: memoryview) -> None:
-        fd = self._fd(path)
         view = buffer.cast("B")
+        if not len(view):
+            return  # (fadvise with length 0 would mean "to the end of the file")
+        fd = self._fd(path)
         done = 0
         while done < len(view):
             count = os.preadv(fd, [view[done:]], offset + done)
