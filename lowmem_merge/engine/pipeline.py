@@ -148,11 +148,11 @@ class Pipeline:
                 yield from ((task, ALL_PASSES, s, min(step, task.numel - s), s + step >= task.numel)
                             for s in range(0, max(task.numel, 1), step))
                 continue
-            starts = list(range(0, max(task.numel, 1), self.chunk))
+            starts = list(range(0, max(task.numel, 1), task.chunk))
             passes = [ALL_PASSES] if len(starts) == 1 else range(task.merge.stat_passes + 1)
             for pass_index in passes:
                 for i, start in enumerate(starts):
-                    yield task, pass_index, start, min(self.chunk, task.numel - start), \
+                    yield task, pass_index, start, min(task.chunk, task.numel - start), \
                         i == len(starts) - 1
 
     def _read_all(self) -> None:

@@ -9,12 +9,12 @@ from .tensors import TensorTask
 
 
 class Progress:
-    def __init__(self, tasks: list[TensorTask], chunk: int, enabled: bool) -> None:
+    def __init__(self, tasks: list[TensorTask], enabled: bool) -> None:
         self.total_tensors = len(tasks)
         self.done = 0
         self.bar = None
         if enabled:
-            total = sum(_planned_bytes(task, chunk) for task in tasks)
+            total = sum(_planned_bytes(task) for task in tasks)
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", dynamic_ncols=True, leave=False)
 
@@ -34,10 +34,10 @@ class Progress:
             self.bar.close()
 
 
-def _planned_bytes(task: TensorTask, chunk: int) -> int:
+def _planned_bytes(task: TensorTask) -> int:
     if task.merge is None:
         return task.copy_from[1].nbytes
     once = sum(t.nbytes for t in task.experts)
     if task.merge.uses_base and task.base is not None:
         once += task.base.nbytes
-    return once * (1 if task.numel <= chunk else task.merge.stat_passes + 1)
+    return once * (1 if task.numel <= task.chunk else task.merge.stat_passes + 1)

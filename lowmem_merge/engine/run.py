@@ -19,7 +19,7 @@ from .budget import chunk_elements, default_max_memory, peak_rss
 from .job import MergeJob, MergeReport
 from .pipeline import Loaded, Pipeline, bytes_per_element
 from .progress import Progress
-from .tensors import ENCODINGS, STORAGE, TensorTask, plan_tensors
+from .tensors import ENCODINGS, STORAGE, TensorTask, assign_chunks, plan_tensors
 
 log = logging.getLogger(__name__)
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -37,13 +37,14 @@ def run_merge(job: MergeJob) -> MergeReport:
     tasks = plan_tensors(experts, base, job.method, job.resolve_params, job.out_dtype)
     _warm_kernels(tasks)
     max_memory = job.max_memory or default_max_memory()
-    chunk = job.chunk_elements or chunk_elements(max_memory,
-                                                 bytes_per_element(tasks, len(experts)))
+    element_bytes = bytes_per_element(tasks, len(experts))
+    chunk = job.chunk_elements or chunk_elements(max_memory, element_bytes)
+    assign_chunks(tasks, chunk, element_bytes)
     folder = OutputFolder(job.output)
     try:
         writer = ShardedSafetensorsWriter(folder.staging, [t.output for t in tasks],
                                           job.shard_size, _provenance(job))
-        progress = Progress(tasks, chunk, enabled=job.progress)
+        progress = Progress(tasks, enabled=job.progress)
         bytes_read = 0
 
         def on_progress(loaded: Loaded) -> None:
@@ -70,7 +71,7 @@ def run_merge(job: MergeJob) -> MergeReport:
         tensors_copied=sum(t.merge is None for t in tasks),
         bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks),
         seconds=time.perf_counter() - started, peak_rss=peak_rss(), max_memory=max_memory,
-        chunk_elements=chunk, streamed_tensors=sum(t.numel > chunk for t in tasks))
+        chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
 
 
 def _warm_kernels(tasks: list[TensorTask]) -> None:

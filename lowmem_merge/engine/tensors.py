@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .. import kernels
 from ..errors import MergeError
+from ..units import format_bytes
 from ..io import DTYPE_SIZES, Model, OutputTensor, TensorInfo
 from ..methods import MergeMethod, TensorContext, TensorMerge
 from .job import ParamResolver
@@ -26,6 +27,7 @@ class TensorTask:
     base: TensorInfo | None
     merge: TensorMerge | None  # None: copy the bytes of copy_from
     copy_from: tuple[int, TensorInfo] | None = None  # (source index, info); -1 is the base
+    chunk: int = 0  # elements per chunk for this tensor, set once the budget is known
 
     @property
     def numel(self) -> int:
@@ -88,3 +90,20 @@ def plan_tensors(experts: list[Model], base: Model | None, method: MergeMethod,
             output = OutputTensor(info.name, source[1].dtype, info.shape, source[1].nbytes)
             tasks.append(TensorTask(output, inputs, base_info, None, source))
     return tasks
+
+
+def assign_chunks(tasks: list[TensorTask], chunk: int, bytes_per_element: int) -> None:
+    """Each tensor's chunk: the budget's, rounded down to what its method keeps together."""
+    for task in tasks:
+        unit = task.merge.chunk_unit if task.merge is not None else None
+        if unit is None:
+            task.chunk = chunk
+            continue
+        unit = min(unit, max(task.numel, 1))
+        task.chunk = chunk // unit * unit
+        if task.chunk == 0:
+            need = unit * bytes_per_element
+            raise MergeError(
+                f"tensor {task.output.name}: the method needs {unit:,} elements of it in memory"
+                f" at once ({format_bytes(need)} of buffers) but the budget allows chunks of"
+                f" {chunk:,} elements; raise --max-memory")

@@ -79,6 +79,9 @@ class TensorMerge(ABC):
 
     stat_passes: int = 0
     uses_base: bool = False  # whether chunks must carry the base model's values
+    # Elements that must arrive together in one chunk (a row, or the whole tensor);
+    # None: any chunk (starting at a multiple of the kernels' reduction block).
+    chunk_unit: int | None = None
 
     def observe(self, pass_index: int, chunk: Chunk) -> None:  # noqa: B027
         """Accumulate statistics of one chunk (only called if stat_passes > 0)."""
