@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import read_safetensors, write_safetensors
-
 from lowmem_merge_cli.main import main
 
 

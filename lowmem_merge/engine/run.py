@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numba
@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import __version__, kernels
 from ..io import OutputFolder, ShardedSafetensorsWriter, check_output_path, open_model
-from ..methods import Chunk, OutChunk
+from ..methods import Chunk, MergeMethod, OutChunk
 from .budget import chunk_elements, default_max_memory, peak_rss
 from .job import MergeJob, MergeReport
 from .pipeline import Loaded, Pipeline, bytes_per_element
@@ -35,7 +35,7 @@ def run_merge(job: MergeJob) -> MergeReport:
     check_output_path(job.output, [t.path for m in inputs for t in m.tensors.values()],
                       [m.folder for m in inputs if m.is_folder], job.force)
     tasks = plan_tensors(experts, base, job.method, job.resolve_params, job.out_dtype)
-    _warm_kernels(tasks)
+    _warm_kernels(job.method, tasks)
     max_memory = job.max_memory or default_max_memory()
     element_bytes = bytes_per_element(tasks, len(experts))
     chunk = job.chunk_elements or chunk_elements(max_memory, element_bytes)
@@ -74,8 +74,15 @@ def run_merge(job: MergeJob) -> MergeReport:
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
 
 
-def _warm_kernels(tasks: list[TensorTask]) -> None:
-    """Compile (or load from cache) every kernel variant before memory is measured."""
+WARM_UP_SHAPE = (4, 64)
+
+
+def _warm_kernels(method: MergeMethod, tasks: list[TensorTask]) -> None:
+    """Compile (or load from cache) every kernel variant before memory is measured.
+
+    Each kind of tensor merge runs once, whole, on a small zero tensor with the
+    same parameters, dtypes and number of experts.
+    """
     seen = set()
     for task in tasks:
         if task.merge is None:
@@ -83,18 +90,21 @@ def _warm_kernels(tasks: list[TensorTask]) -> None:
         encodings = {ENCODINGS[t.dtype] for t in task.experts}
         encoding = encodings.pop() if len(encodings) == 1 else kernels.F32
         base_encoding = ENCODINGS[task.base.dtype] if task.base is not None else kernels.F32
-        key = (type(task.merge), encoding, base_encoding, task.out_encoding, len(task.experts))
+        key = (type(task.merge), task.merge.stat_passes, task.merge.uses_base, encoding,
+               base_encoding, task.out_encoding, len(task.experts))
         if key in seen:
             continue
         seen.add(key)
-        n = len(task.experts)
-        stack = np.zeros((n, 1), STORAGE[encoding])
-        base = np.zeros(1, STORAGE[base_encoding]) if task.merge.uses_base else None
-        clone = copy.deepcopy(task.merge)
+        merge = method.for_tensor(replace(task.context, shape=WARM_UP_SHAPE))
+        size = int(np.prod(WARM_UP_SHAPE))
+        stack = np.zeros((len(task.experts), size), STORAGE[encoding])
+        base = np.zeros(size, STORAGE[base_encoding]) if merge.uses_base else None
         chunk = Chunk(stack, encoding, base, base_encoding, 0)
-        for pass_index in range(clone.stat_passes):
-            clone.observe(pass_index, chunk)
-        clone.apply(chunk, OutChunk(np.zeros(1, STORAGE[task.out_encoding]), task.out_encoding))
+        for pass_index in range(merge.stat_passes):
+            merge.observe(pass_index, chunk)
+            merge.end_pass(pass_index)
+        merge.apply(chunk, OutChunk(np.zeros(size, STORAGE[task.out_encoding]),
+                                    task.out_encoding))
 
 
 def _provenance(job: MergeJob) -> dict[str, str]:

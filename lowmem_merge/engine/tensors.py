@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from .. import kernels
 from ..errors import MergeError
-from ..units import format_bytes
 from ..io import DTYPE_SIZES, Model, OutputTensor, TensorInfo
 from ..methods import MergeMethod, TensorContext, TensorMerge
+from ..units import format_bytes
 from .job import ParamResolver
 
 ENCODINGS = {"BF16": kernels.BF16, "F16": kernels.F16, "F32": kernels.F32}
@@ -26,6 +26,7 @@ class TensorTask:
     experts: list[TensorInfo]
     base: TensorInfo | None
     merge: TensorMerge | None  # None: copy the bytes of copy_from
+    context: TensorContext | None = None
     copy_from: tuple[int, TensorInfo] | None = None  # (source index, info); -1 is the base
     chunk: int = 0  # elements per chunk for this tensor, set once the budget is known
 
@@ -84,11 +85,12 @@ def plan_tensors(experts: list[Model], base: Model | None, method: MergeMethod,
             params, model_params = resolve(info.name, positions[info.name])
             context = TensorContext(info.name, info.shape, params, model_params, base is not None)
             output = OutputTensor(info.name, dtype, info.shape, info.numel * DTYPE_SIZES[dtype])
-            tasks.append(TensorTask(output, inputs, base_info, method.for_tensor(context)))
+            tasks.append(TensorTask(output, inputs, base_info, method.for_tensor(context),
+                                    context))
         else:
             source = (-1, base_info) if base_info else (0, inputs[0])
             output = OutputTensor(info.name, source[1].dtype, info.shape, source[1].nbytes)
-            tasks.append(TensorTask(output, inputs, base_info, None, source))
+            tasks.append(TensorTask(output, inputs, base_info, None, copy_from=source))
     return tasks
 
 

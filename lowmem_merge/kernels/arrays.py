@@ -12,7 +12,7 @@ are summed in order by the caller: results are bit-identical whatever the
 chunk size, thread count or machine.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from numba import njit, prange
@@ -23,7 +23,7 @@ from .scalars import decode, encode, narrow_f32
 REDUCTION_BLOCK = 8192
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gram_kernel(encoding: int, base_encoding: int, subtract_base: bool):
     @njit(parallel=True, nogil=True, cache=True)
     def gram(rows, base, partials):
@@ -70,7 +70,7 @@ def gram_blocks(stack: np.ndarray, encoding: int, base: np.ndarray, base_encodin
     _gram_kernel(encoding, base_encoding, subtract_base)(tuple(stack), base, partials)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _weighted_sum_kernel(encoding: int, base_encoding: int, around_base: bool,
                          out_encoding: int):
     @njit(parallel=True, nogil=True, cache=True)

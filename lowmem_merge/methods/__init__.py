@@ -2,13 +2,18 @@
 
 from ..errors import MergeError
 from .base import REQUIRED, Chunk, MergeMethod, OutChunk, Param, TensorContext, TensorMerge
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from .dare import DareLinear, DareTies
+from .della import Della, DellaLinear
 from .karcher import Karcher
 from .linear import Linear
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
+from .ties import Ties
 
-METHODS: dict[str, MergeMethod] = {m.name: m for m in (Karcher(), Linear(), Slerp(),
-                                                       TaskArithmetic())}
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (
+    Karcher(), Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(),
+    Breadcrumbs(), BreadcrumbsTies(), Della(), DellaLinear())}
 
 
 def get_method(name: str) -> MergeMethod:
