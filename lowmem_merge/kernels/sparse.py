@@ -10,6 +10,9 @@ count of ties lets every block know its first tie's rank.
 Random drops draw from a counter-based generator (splitmix64 of a per
 tensor-and-expert seed and the element's global index): the same mask
 whatever the chunking, the thread count or the device.
+
+Kernels are specialised per encoding and rule by factories that capture only
+integers, so Numba can cache them on disk.
 """
 
 from functools import cache
@@ -24,6 +27,8 @@ KEEP_BY_THRESHOLD = 0
 KEEP_AT_RANDOM = 1
 KEEP_BY_ROW_RANK = 2
 BINS = 65536
+# Elements decoded at a time inside a block: small scratch that stays in cache.
+SUB_BLOCK = 1024
 # Threshold meaning "every element is in the top K" (keys are never negative).
 ALL = -1
 # Threshold meaning "no element is": larger than any 32-bit key.
@@ -45,102 +50,149 @@ def uniform(seed, index):
     return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
+@njit(inline="always", cache=True)
+def delta_at(row, base, j, encoding, base_encoding):
+    """An expert's delta from the base at element j, exact in float64.
+
+    Kernels take row = rows[i] outside their inner loops: indexing the tuple
+    of rows inside a loop defeats vectorisation (about 10x slower)."""
+    return (np.float64(decode(row[j], encoding))
+            - np.float64(decode(base[j], base_encoding)))
+
+
 @cache
 def _selection_kernels(encoding: int, base_encoding: int):
-    @njit(inline="always")
-    def delta(rows, i, base, j):
-        return (np.float64(decode(rows[i][j], encoding))
-                - np.float64(decode(base[j], base_encoding)))
+    @njit(parallel=True, nogil=True, cache=True)
+    def histogram_high(rows, base, parts):
+        """parts[p, i, bin] += keys of expert i in part p whose high 16 bits are bin."""
+        n = base.shape[0]
+        n_parts, n_experts = parts.shape[0], len(rows)
+        for part in prange(n_parts):
+            lo, hi = n * part // n_parts, n * (part + 1) // n_parts
+            for i in range(n_experts):
+                row, bins = rows[i], parts[part, i]  # hoisted: tuple indexing is slow
+                for j in range(lo, hi):
+                    key = magnitude_key(delta_at(row, base, j, encoding, base_encoding))
+                    bins[key >> 16] += 1
 
     @njit(parallel=True, nogil=True, cache=True)
-    def histogram(rows, base, buckets, parts):
-        """parts[p, i, q, bin] += count of keys in part p; with buckets[i, q] < 0 the bin
-        is the key's high 16 bits, else the low 16 bits of keys in that high bucket."""
+    def histogram_low(rows, base, buckets, parts):
+        """parts[p, i, q, bin] += keys in high bucket buckets[i, q] with low 16 bits bin."""
         n = base.shape[0]
-        n_parts, n_experts, n_queries = parts.shape[0], len(rows), buckets.shape[1]
+        n_parts, n_experts = parts.shape[0], len(rows)
         for part in prange(n_parts):
-            for j in range(n * part // n_parts, n * (part + 1) // n_parts):
-                for i in range(n_experts):
-                    key = magnitude_key(delta(rows, i, base, j))
-                    for q in range(n_queries):
-                        bucket = buckets[i, q]
-                        if bucket < 0:
-                            parts[part, i, q, key >> 16] += 1
-                        elif key >> 16 == bucket:
-                            parts[part, i, q, key & 0xFFFF] += 1
+            lo, hi = n * part // n_parts, n * (part + 1) // n_parts
+            for i in range(n_experts):
+                row, first, second = rows[i], buckets[i, 0], buckets[i, 1]
+                for j in range(lo, hi):
+                    key = magnitude_key(delta_at(row, base, j, encoding, base_encoding))
+                    high = key >> 16
+                    if high == first:
+                        parts[part, i, 0, key & 0xFFFF] += 1
+                    if high == second:
+                        parts[part, i, 1, key & 0xFFFF] += 1
 
     @njit(parallel=True, nogil=True, cache=True)
     def tie_counts(rows, base, thresholds, counts):
         """counts[block, i, q] = elements of the block whose key equals thresholds[i, q]."""
         n = base.shape[0]
-        n_experts, n_queries = len(rows), thresholds.shape[1]
+        n_experts = len(rows)
         for block in prange(counts.shape[0]):
-            for j in range(block * REDUCTION_BLOCK, min(n, (block + 1) * REDUCTION_BLOCK)):
-                for i in range(n_experts):
-                    key = magnitude_key(delta(rows, i, base, j))
-                    for q in range(n_queries):
-                        if key == thresholds[i, q]:
-                            counts[block, i, q] += 1
+            lo, hi = block * REDUCTION_BLOCK, min(n, (block + 1) * REDUCTION_BLOCK)
+            for i in range(n_experts):
+                row, low, high = rows[i], thresholds[i, 0], thresholds[i, 1]
+                at_low = 0
+                at_high = 0
+                for j in range(lo, hi):
+                    key = magnitude_key(delta_at(row, base, j, encoding, base_encoding))
+                    at_low += key == low
+                    at_high += key == high
+                counts[block, i, 0] = at_low
+                counts[block, i, 1] = at_high
 
-    return histogram, tie_counts
+    return histogram_high, histogram_low, tie_counts
 
 
 def magnitude_histogram(stack, encoding, base, base_encoding, buckets, parts) -> None:
-    _selection_kernels(encoding, base_encoding)[0](tuple(stack), base, buckets, parts)
+    """High-bit histogram (buckets None, parts (P, N, BINS)) or low-bit histogram."""
+    kernels = _selection_kernels(encoding, base_encoding)
+    if buckets is None:
+        kernels[0](tuple(stack), base, parts)
+    else:
+        kernels[1](tuple(stack), base, buckets, parts)
 
 
 def threshold_ties(stack, encoding, base, base_encoding, thresholds, counts) -> None:
-    _selection_kernels(encoding, base_encoding)[1](tuple(stack), base, thresholds, counts)
+    _selection_kernels(encoding, base_encoding)[2](tuple(stack), base, thresholds, counts)
 
 
-@cache
-def _keep_mask(encoding: int, base_encoding: int, keep_kind: int):
-    @njit(inline="always")
-    def keep_mask(rows, base, lo, width, start, selection, keep, deltas):
-        """Fill deltas[i, :width] and keep[i, :width] for elements [lo, lo + width)."""
-        thresholds, quotas, tie_start, seeds, densities, epsilons = selection
-        n_experts = len(rows)
-        for i in range(n_experts):
+@njit(inline="always", cache=True)
+def row_rank_keep(rows, base, lo, width, start, selection, encoding, base_encoding, keep,
+                  deltas):
+    """DELLA: keep probability rises linearly with the magnitude's rank in the row."""
+    _, _, _, seeds, densities, epsilons = selection
+    for i in range(len(rows)):
+        row = rows[i]
+        for j in range(width):
+            deltas[i, j] = delta_at(row, base, lo + j, encoding, base_encoding)
+        order = np.argsort(np.abs(deltas[i, :width]), kind="mergesort")
+        span = max(width - 1, 1)
+        for rank in range(width):
+            j = order[rank]
+            chance = densities[i] - epsilons[i] + 2.0 * epsilons[i] * rank / span
+            keep[i, j] = uniform(seeds[i], start + lo + j) < chance
+
+
+@njit(inline="always", cache=True)
+def kept_deltas(rows, base, lo, width, start, selection, keep_kind, encoding, base_encoding,
+                kept, seen):
+    """kept[i, j]: expert i's delta at element lo + j if the rule keeps it, else 0.
+
+    seen[i] counts the ties at expert i's two thresholds met so far in this block."""
+    if keep_kind == KEEP_BY_ROW_RANK:
+        keep = np.empty(kept.shape, np.bool_)
+        row_rank_keep(rows, base, lo, width, start, selection, encoding, base_encoding, keep,
+                      kept)
+        for i in range(len(rows)):
             for j in range(width):
-                deltas[i, j] = (np.float64(decode(rows[i][lo + j], encoding))
-                                - np.float64(decode(base[lo + j], base_encoding)))
-        if keep_kind == KEEP_BY_THRESHOLD:
-            block = lo // REDUCTION_BLOCK
-            for i in range(n_experts):
-                seen_low = tie_start[block, i, 0]
-                seen_high = tie_start[block, i, 1]
-                for j in range(width):
-                    key = magnitude_key(deltas[i, j])
-                    in_low = key > thresholds[i, 0]
-                    if key == thresholds[i, 0]:
-                        in_low = seen_low < quotas[i, 0]
-                        seen_low += 1
-                    in_high = key > thresholds[i, 1]
-                    if key == thresholds[i, 1]:
-                        in_high = seen_high < quotas[i, 1]
-                        seen_high += 1
-                    keep[i, j] = in_high and not in_low
-        elif keep_kind == KEEP_AT_RANDOM:
-            for i in range(n_experts):
-                for j in range(width):
-                    keep[i, j] = uniform(seeds[i], start + lo + j) < densities[i]
-        else:
-            # DELLA: keep probability rises linearly with the magnitude's rank in the row.
-            for i in range(n_experts):
-                order = np.argsort(np.abs(deltas[i, :width]), kind="mergesort")
-                span = max(width - 1, 1)
-                for rank in range(width):
-                    j = order[rank]
-                    chance = densities[i] - epsilons[i] + 2.0 * epsilons[i] * rank / span
-                    keep[i, j] = uniform(seeds[i], start + lo + j) < chance
-
-    return keep_mask
+                if not keep[i, j]:
+                    kept[i, j] = 0.0
+        return
+    if keep_kind == KEEP_AT_RANDOM:
+        _, _, _, seeds, densities, _ = selection
+        for i in range(len(rows)):
+            row, out, seed, density = rows[i], kept[i], seeds[i], densities[i]
+            for j in range(width):
+                delta = delta_at(row, base, lo + j, encoding, base_encoding)
+                out[j] = delta if uniform(seed, start + lo + j) < density else 0.0
+        return
+    thresholds, quotas, _, _, _, _ = selection
+    for i in range(len(rows)):
+        # Row views hoisted out of the loop: indexing the tuple inside it is slow.
+        row, out, low, high = rows[i], kept[i], thresholds[i, 0], thresholds[i, 1]
+        ties = 0
+        # Fast, branch-free pass: ranked in [K_low, K_high) unless the key is a tie.
+        for j in range(width):
+            delta = delta_at(row, base, lo + j, encoding, base_encoding)
+            key = magnitude_key(delta)
+            out[j] = delta if (key > high) & (key < low) else 0.0
+            ties += (key == high) | (key == low)
+        if ties:
+            # Ties at a threshold are ranked in index order from the block's first rank.
+            for j in range(width):
+                delta = delta_at(row, base, lo + j, encoding, base_encoding)
+                key = magnitude_key(delta)
+                if key != low and key != high:
+                    continue
+                in_high = key > high or (key == high and seen[i, 1] < quotas[i, 1])
+                in_low = key > low or (key == low and seen[i, 0] < quotas[i, 0])
+                seen[i, 1] += key == high
+                seen[i, 0] += key == low
+                kept[i, j] = delta if in_high and not in_low else 0.0
 
 
 @cache
 def _l1_kernel(encoding: int, base_encoding: int, keep_kind: int):
-    keep_mask = _keep_mask(encoding, base_encoding, keep_kind)
-
     @njit(parallel=True, nogil=True, cache=True)
     def l1_sums(rows, base, start, block, selection, partials):
         """partials[b, i] = (sum |delta_i|, sum |delta_i| over kept elements) per block."""
@@ -148,79 +200,84 @@ def _l1_kernel(encoding: int, base_encoding: int, keep_kind: int):
         n_experts = len(rows)
         for b in prange(partials.shape[0]):
             lo = b * block
-            width = min(n, lo + block) - lo
-            deltas = np.empty((n_experts, width))
-            keep = np.empty((n_experts, width), np.bool_)
-            keep_mask(rows, base, lo, width, start, selection, keep, deltas)
-            for i in range(n_experts):
-                total = 0.0
-                kept = 0.0
-                for j in range(width):
-                    magnitude = abs(deltas[i, j])
-                    total += magnitude
-                    if keep[i, j]:
-                        kept += magnitude
-                partials[b, i, 0] = total
-                partials[b, i, 1] = kept
-
+            hi = min(n, lo + block)
+            step = hi - lo if keep_kind == KEEP_BY_ROW_RANK else SUB_BLOCK
+            kept = np.empty((n_experts, step))
+            seen = selection[2][lo // REDUCTION_BLOCK].copy()
+            totals = np.zeros((n_experts, 2))
+            for sub in range(lo, hi, step):
+                width = min(hi, sub + step) - sub
+                kept_deltas(rows, base, sub, width, start, selection, keep_kind, encoding,
+                            base_encoding, kept, seen)
+                for i in range(n_experts):
+                    row = rows[i]
+                    for j in range(width):
+                        totals[i, 0] += abs(delta_at(row, base, sub + j, encoding,
+                                                     base_encoding))
+                        totals[i, 1] += abs(kept[i, j])
+            partials[b] = totals
     return l1_sums
 
 
 @cache
 def _merge_kernel(encoding: int, base_encoding: int, keep_kind: int, consensus: bool,
                   out_encoding: int):
-    keep_mask = _keep_mask(encoding, base_encoding, keep_kind)
-
     @njit(parallel=True, nogil=True, cache=True)
     def apply(rows, base, start, block, selection, weights, scales, normalize, scale_out, out):
         n = base.shape[0]
         n_experts = len(rows)
-        weight_sum = 0.0
-        for i in range(n_experts):
-            weight_sum += weights[i]
+        weight_sum = weights.sum()
         if abs(weight_sum) < 1e-8:
             weight_sum = 1.0
+        factors = weights * scales
         for b in prange((n + block - 1) // block):
             lo = b * block
-            width = min(n, lo + block) - lo
-            deltas = np.empty((n_experts, width))
-            keep = np.empty((n_experts, width), np.bool_)
-            keep_mask(rows, base, lo, width, start, selection, keep, deltas)
-            for j in range(width):
-                mixed = 0.0
-                divisor = weight_sum
+            hi = min(n, lo + block)
+            step = hi - lo if keep_kind == KEEP_BY_ROW_RANK else SUB_BLOCK
+            kept = np.empty((n_experts, step))
+            votes, mixed, divisor = np.empty(step), np.empty(step), np.empty(step)
+            seen = selection[2][lo // REDUCTION_BLOCK].copy()
+            for sub in range(lo, hi, step):
+                width = min(hi, sub + step) - sub
+                kept_deltas(rows, base, sub, width, start, selection, keep_kind, encoding,
+                            base_encoding, kept, seen)
+                # Expert by expert over the block's elements: vectorisable loops.
+                votes[:width] = 0.0
+                for i in range(n_experts):
+                    factor = factors[i]
+                    for j in range(width):
+                        votes[j] += factor * kept[i, j]
                 if consensus:
-                    # TIES sign election on the weighted, sparsified deltas.
-                    votes = 0.0
+                    # TIES sign election: only values with the sign of the sum count.
+                    mixed[:width] = 0.0
+                    divisor[:width] = 0.0
+                    for j in range(width):
+                        votes[j] = 1.0 if votes[j] >= 0.0 else -1.0  # the elected sign
                     for i in range(n_experts):
-                        if keep[i, j]:
-                            votes += weights[i] * scales[i] * deltas[i, j]
-                    divisor = 0.0
-                    for i in range(n_experts):
-                        if keep[i, j]:
-                            weighted = weights[i] * scales[i] * deltas[i, j]
-                            if (weighted > 0.0 and votes >= 0.0) or (weighted < 0.0
-                                                                    and votes < 0.0):
-                                mixed += weighted
-                                divisor += weights[i]
-                    if divisor == 0.0:
-                        divisor = 1.0
+                        factor, weight = factors[i], weights[i]
+                        for j in range(width):
+                            weighted = factor * kept[i, j]
+                            agrees = weighted * votes[j] > 0.0
+                            mixed[j] += weighted if agrees else 0.0
+                            divisor[j] += weight if agrees else 0.0
+                    for j in range(width):
+                        if divisor[j] == 0.0:
+                            divisor[j] = 1.0
                 else:
-                    for i in range(n_experts):
-                        if keep[i, j]:
-                            mixed += weights[i] * scales[i] * deltas[i, j]
-                if normalize:
-                    mixed /= divisor
-                value = np.float64(decode(base[lo + j], base_encoding)) + scale_out * mixed
-                out[lo + j] = encode(value, out_encoding)
-
+                    mixed[:width] = votes[:width]
+                    divisor[:width] = weight_sum
+                for j in range(width):
+                    merged = mixed[j] / divisor[j] if normalize else mixed[j]
+                    value = np.float64(decode(base[sub + j], base_encoding)) + scale_out * merged
+                    out[sub + j] = encode(value, out_encoding)
     return apply
 
 
 def task_vector_l1(stack, encoding, base, base_encoding, keep_kind, start, block, selection,
                    partials) -> None:
-    _l1_kernel(encoding, base_encoding, keep_kind)(tuple(stack), base, start, block, selection,
-                                                   partials)
+    """Per block: the L1 norm of each task vector, all of it and its kept part."""
+    kernel = _l1_kernel(encoding, base_encoding, keep_kind)
+    kernel(tuple(stack), base, start, block, selection, partials)
 
 
 def task_vector_merge(stack, encoding, base, base_encoding, keep_kind, consensus, start, block,

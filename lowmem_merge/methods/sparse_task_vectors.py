@@ -130,9 +130,8 @@ class SparseTaskVectors(TensorMerge):
         n = len(self.weights)
         if chunk.start == 0:  # a pass begins
             parts = min(MAX_PARTS, numba.get_num_threads())
-            queries = 1 if kind == "high" else 2
-            self._parts = np.zeros((parts, n, queries, sparse.BINS), np.int64) \
-                if kind != "l1" else None
+            shape = (parts, n, sparse.BINS) if kind == "high" else (parts, n, 2, sparse.BINS)
+            self._parts = np.zeros(shape, np.int64) if kind != "l1" else None
             self._l1 = np.zeros((n, 2))
         if kind == "l1":
             partials = np.zeros((-(-chunk.size // self.block), n, 2))
@@ -142,14 +141,14 @@ class SparseTaskVectors(TensorMerge):
             for block in partials:  # in order: the sums do not depend on chunking
                 self._l1 += block
             return
-        buckets = np.full((n, 1), -1, np.int64) if kind == "high" else self._buckets
+        buckets = None if kind == "high" else self._buckets
         sparse.magnitude_histogram(chunk.experts, chunk.encoding, chunk.base,
                                    chunk.base_encoding, buckets, self._parts)
 
     def end_pass(self, pass_index: int) -> None:
         kind = self.passes[pass_index]
         if kind == "high":
-            counts = self._parts.sum(axis=0)[:, 0]
+            counts = self._parts.sum(axis=0)
             self._buckets = np.full((len(self.weights), 2), -1, np.int64)
             self._above = np.zeros((len(self.weights), 2), np.int64)
             for (i, q), k in np.ndenumerate(self.k_queries):
