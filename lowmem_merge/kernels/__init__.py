@@ -5,6 +5,8 @@ from .arrays import (
     decode_array,
     encode_array,
     gram_blocks,
+    line_gram,
+    line_weighted_sum,
     transcode,
     weighted_sum,
 )
@@ -18,6 +20,8 @@ __all__ = [
     "decode_array",
     "encode_array",
     "gram_blocks",
+    "line_gram",
+    "line_weighted_sum",
     "transcode",
     "weighted_sum",
 ]

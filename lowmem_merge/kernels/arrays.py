@@ -121,3 +121,64 @@ def transcode(raw, encoding, out, out_encoding):
     """Re-encode stored bits (exact when widening, RNE when narrowing)."""
     for j in prange(raw.shape[0]):
         out[j] = narrow_f32(decode(raw[j], encoding), out_encoding)
+
+
+@cache
+def _line_gram_kernel(encoding: int, base_encoding: int, subtract_base: bool, by_row: bool):
+    @njit(parallel=True, nogil=True, cache=True)
+    def gram(rows, base, row_length, out):
+        """by_row: out[r] = Gram of row r of this chunk; else out[c] += Gram of column c."""
+        n_experts = len(rows)
+        n_rows = rows[0].shape[0] // row_length
+        for line in prange(out.shape[0]):
+            acc = np.zeros((n_experts, n_experts))
+            values = np.empty(n_experts)
+            count = row_length if by_row else n_rows
+            for step in range(count):
+                j = line * row_length + step if by_row else step * row_length + line
+                b = np.float64(decode(base[j], base_encoding)) if subtract_base else 0.0
+                for i in range(n_experts):
+                    values[i] = np.float64(decode(rows[i][j], encoding)) - b
+                for i in range(n_experts):
+                    for k in range(i, n_experts):
+                        acc[i, k] += values[i] * values[k]
+            for i in range(n_experts):
+                for k in range(i, n_experts):
+                    out[line, i, k] += acc[i, k]
+                    out[line, k, i] = out[line, i, k]
+    return gram
+
+
+def line_gram(stack: np.ndarray, encoding: int, base: np.ndarray, base_encoding: int,
+              subtract_base: bool, row_length: int, by_row: bool, out: np.ndarray) -> None:
+    """Gram matrices per row (out: rows of the chunk x N x N, overwritten) or per column
+    (out: row_length x N x N, accumulated in row order across chunks) of a row-aligned chunk."""
+    if by_row:
+        out[:] = 0.0
+    kernel = _line_gram_kernel(encoding, base_encoding, subtract_base, by_row)
+    kernel(tuple(stack), base, row_length, out)
+
+
+@cache
+def _line_sum_kernel(encoding: int, base_encoding: int, around_base: bool, by_row: bool,
+                     out_encoding: int):
+    @njit(parallel=True, nogil=True, cache=True)
+    def weighted(rows, coefficients, base, base_coefficient, row_length, first_row, out):
+        n_experts = len(rows)
+        for j in prange(out.shape[0]):
+            line = first_row + j // row_length if by_row else j % row_length
+            total = 0.0
+            b = np.float64(decode(base[j], base_encoding)) if around_base else 0.0
+            for i in range(n_experts):
+                total += coefficients[line, i] * (np.float64(decode(rows[i][j], encoding)) - b)
+            out[j] = encode(total + base_coefficient * b, out_encoding)
+    return weighted
+
+
+def line_weighted_sum(stack: np.ndarray, encoding: int, coefficients: np.ndarray,
+                      base: np.ndarray, base_encoding: int, base_coefficient: float,
+                      around_base: bool, row_length: int, by_row: bool, first_row: int,
+                      out: np.ndarray, out_encoding: int) -> None:
+    """weighted_sum with coefficients per row (indexed from first_row) or per column."""
+    kernel = _line_sum_kernel(encoding, base_encoding, around_base, by_row, out_encoding)
+    kernel(tuple(stack), coefficients, base, base_coefficient, row_length, first_row, out)

@@ -7,13 +7,18 @@ from .dare import DareLinear, DareTies
 from .della import Della, DellaLinear
 from .karcher import Karcher
 from .linear import Linear
+from .model_stock import ModelStock
+from .multislerp import MultiSlerp
+from .nuslerp import NuSlerp
+from .passthrough import Passthrough
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     Karcher(), Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(),
-    Breadcrumbs(), BreadcrumbsTies(), Della(), DellaLinear())}
+    Breadcrumbs(), BreadcrumbsTies(), Della(), DellaLinear(), ModelStock(), MultiSlerp(),
+    NuSlerp(), Passthrough())}
 
 
 def get_method(name: str) -> MergeMethod:

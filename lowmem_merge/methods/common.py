@@ -87,3 +87,47 @@ class GramThenWeightedSum(TensorMerge):
 
     def apply(self, chunk: Chunk, out: OutChunk) -> None:
         write_weighted_sum(chunk, self.coefficients, self.base_coefficient, out)
+
+
+class LineGramThenWeightedSum(TensorMerge):
+    """Gram matrices per row (or per column) of a 2-D tensor, solved line by line.
+
+    Rows must arrive whole, so chunks hold whole rows; a 1-D tensor is one line.
+    solve_lines maps grams (lines, N, N) to coefficients (lines, N).
+    """
+
+    stat_passes = 1
+
+    def __init__(self, context: TensorContext, of_deltas: bool, by_row: bool) -> None:
+        shape = context.shape
+        self.row_length = shape[-1] if len(shape) > 1 else max(int(np.prod(shape)), 1)
+        n_rows = int(np.prod(shape)) // self.row_length if self.row_length else 0
+        self.by_row = by_row or len(shape) < 2
+        lines = n_rows if self.by_row else self.row_length
+        self.grams = np.zeros((max(lines, 1), context.n_experts, context.n_experts))
+        self.of_deltas = of_deltas
+        self.uses_base = of_deltas
+        self.chunk_unit = self.row_length
+        self.base_coefficient: float | None = 1.0 if of_deltas else None
+
+    def observe(self, pass_index: int, chunk: Chunk) -> None:
+        base = chunk.base if self.of_deltas else chunk.experts[0]
+        first = chunk.start // self.row_length
+        target = self.grams[first:first + chunk.size // self.row_length] if self.by_row \
+            else self.grams
+        kernels.line_gram(chunk.experts, chunk.encoding, base, chunk.base_encoding,
+                          self.of_deltas, self.row_length, self.by_row, target)
+
+    def end_pass(self, pass_index: int) -> None:
+        self.coefficients = self.solve_lines(self.grams)
+
+    def solve_lines(self, grams: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def apply(self, chunk: Chunk, out: OutChunk) -> None:
+        around_base = self.base_coefficient is not None
+        base = chunk.base if around_base else chunk.experts[0]
+        kernels.line_weighted_sum(
+            chunk.experts, chunk.encoding, self.coefficients, base, chunk.base_encoding,
+            float(self.base_coefficient or 0.0), around_base, self.row_length, self.by_row,
+            chunk.start // self.row_length, out.data, out.encoding)
