@@ -92,7 +92,7 @@ def _check_params(method: MergeMethod, global_params: dict[str, Any],
 
 def _resolver(method: MergeMethod, global_params: dict[str, Any],
               per_model: list[dict[str, Any]], experts: list[str]):
-    def resolve_for(tensor: str, position: float):
+    def resolve_for(tensor: str, position: float, slice_index: int | None = None):
         params = {p.name: resolve(p, [global_params], tensor, position, "parameters")
                   for p in method.params}
         model_params = tuple(

@@ -5,14 +5,16 @@ statistics passes and apply pass.
 """
 
 from .budget import CHUNK_ALIGN, cgroup_memory_limit, default_max_memory
-from .job import MergeJob, MergeReport, ParamResolver
+from .job import MergeJob, MergeReport, OutputSlice, ParamResolver, SliceSource
 from .run import run_merge
 
 __all__ = [
     "CHUNK_ALIGN",
     "MergeJob",
     "MergeReport",
+    "OutputSlice",
     "ParamResolver",
+    "SliceSource",
     "cgroup_memory_limit",
     "default_max_memory",
     "run_merge",

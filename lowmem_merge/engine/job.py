@@ -9,8 +9,27 @@ from typing import Any
 
 from ..methods import MergeMethod
 
-# (tensor name, position of its layer in [0, 1]) -> (method params, per-expert params)
-ParamResolver = Callable[[str, float], tuple[dict[str, Any], tuple[dict[str, Any], ...]]]
+# (tensor name, position of its layer in [0, 1], slice index or None)
+#   -> (method params, per-expert params)
+ParamResolver = Callable[[str, float, int | None],
+                         tuple[dict[str, Any], tuple[dict[str, Any], ...]]]
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """Layers [start, end) of one model, an input of an output slice."""
+
+    model: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """Consecutive output layers merged from the same layers of each source."""
+
+    sources: tuple[SliceSource, ...]
+    base: SliceSource | None = None
 
 
 @dataclass
@@ -29,6 +48,10 @@ class MergeJob:
     # Fixed chunk size in elements (a multiple of CHUNK_ALIGN), for tests and tuning;
     # None sizes chunks from max_memory.
     chunk_elements: int | None = None
+    # mergekit-style slices (frankenmerges); None: every tensor from experts (and base).
+    slices: tuple[OutputSlice, ...] | None = None
+    # Model whose config and tokenizer files are copied; None: the base, else the first.
+    companions_from: str | None = None
 
 
 @dataclass

@@ -143,7 +143,7 @@ class Pipeline:
     def _schedule(self) -> Iterator[tuple[TensorTask, int, int, int, bool]]:
         for task in self.tasks:
             if task.merge is None:
-                item = task.copy_from[1].nbytes // max(task.numel, 1)
+                item = task.copy_from.nbytes // max(task.numel, 1)
                 step = self.chunk * 4 // max(item, 1)
                 yield from ((task, ALL_PASSES, s, min(step, task.numel - s), s + step >= task.numel)
                             for s in range(0, max(task.numel, 1), step))
@@ -167,7 +167,7 @@ class Pipeline:
         self.loaded.put(None)
 
     def _load_copy(self, loaded: Loaded) -> None:
-        info = loaded.task.copy_from[1]
+        info = loaded.task.copy_from
         item = info.nbytes // max(info.numel, 1)
         view = memoryview(loaded.buffers.stack)[: loaded.count * item]
         self.reader.read_into(info.path, info.offset + loaded.start * item, view)

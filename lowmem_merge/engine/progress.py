@@ -36,7 +36,7 @@ class Progress:
 
 def _planned_bytes(task: TensorTask) -> int:
     if task.merge is None:
-        return task.copy_from[1].nbytes
+        return task.copy_from.nbytes
     once = sum(t.nbytes for t in task.experts)
     if task.merge.uses_base and task.base is not None:
         once += task.base.nbytes

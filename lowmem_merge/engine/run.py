@@ -19,7 +19,14 @@ from .budget import chunk_elements, default_max_memory, peak_rss
 from .job import MergeJob, MergeReport
 from .pipeline import Loaded, Pipeline, bytes_per_element
 from .progress import Progress
-from .tensors import ENCODINGS, STORAGE, TensorTask, assign_chunks, plan_tensors
+from .tensors import (
+    ENCODINGS,
+    STORAGE,
+    TensorTask,
+    assign_chunks,
+    plan_slices,
+    plan_tensors,
+)
 
 log = logging.getLogger(__name__)
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -29,15 +36,22 @@ def run_merge(job: MergeJob) -> MergeReport:
     started = time.perf_counter()
     if job.threads:
         numba.set_num_threads(min(job.threads, numba.config.NUMBA_NUM_THREADS))
-    experts = [open_model(ref) for ref in job.experts]
-    base = open_model(job.base) if job.base else None
-    inputs = experts + ([base] if base else [])
+    models = {ref: open_model(ref) for ref in _references(job)}
+    inputs = list(models.values())
     check_output_path(job.output, [t.path for m in inputs for t in m.tensors.values()],
                       [m.folder for m in inputs if m.is_folder], job.force)
-    tasks = plan_tensors(experts, base, job.method, job.resolve_params, job.out_dtype)
+    layers = None
+    if job.slices:
+        tasks, layers = plan_slices(models, job.slices, job.method, job.resolve_params,
+                                    job.out_dtype)
+    else:
+        tasks = plan_tensors([models[r] for r in job.experts],
+                             models[job.base] if job.base else None, job.method,
+                             job.resolve_params, job.out_dtype)
+    n_experts = max((len(t.experts) for t in tasks), default=1)
     _warm_kernels(job.method, tasks)
     max_memory = job.max_memory or default_max_memory()
-    element_bytes = bytes_per_element(tasks, len(experts))
+    element_bytes = bytes_per_element(tasks, n_experts)
     chunk = job.chunk_elements or chunk_elements(max_memory, element_bytes)
     assign_chunks(tasks, chunk, element_bytes)
     folder = OutputFolder(job.output)
@@ -53,20 +67,21 @@ def run_merge(job: MergeJob) -> MergeReport:
             progress.advance(loaded)
 
         try:
-            Pipeline(tasks, chunk, len(experts), writer, on_progress).run()
+            Pipeline(tasks, chunk, n_experts, writer, on_progress).run()
             writer.finish()
         except BaseException:
             writer.abort()
             raise
         finally:
             progress.close()
-        _copy_companions(base or experts[0], folder.staging, tasks)
+        _copy_companions(models[job.companions_from or job.base or job.experts[0]],
+                         folder.staging, tasks, layers)
         folder.commit()
     except BaseException:
         folder.abort()
         raise
     return MergeReport(
-        method=job.method.name, output=job.output, experts=len(experts),
+        method=job.method.name, output=job.output, experts=n_experts,
         tensors_merged=sum(t.merge is not None for t in tasks),
         tensors_copied=sum(t.merge is None for t in tasks),
         bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks),
@@ -113,16 +128,30 @@ def _provenance(job: MergeJob) -> dict[str, str]:
             "merge_inputs": json.dumps({"experts": job.experts, "base": job.base})}
 
 
-def _copy_companions(source, folder: Path, tasks: list[TensorTask]) -> None:
-    """Config and tokenizer files from the base (or first model); config's dtype updated."""
+def _references(job: MergeJob) -> list[str]:
+    """Every model the job reads, each once, in first-use order."""
+    refs = list(job.experts) + ([job.base] if job.base else [])
+    for piece in job.slices or ():
+        refs += [s.model for s in piece.sources] + ([piece.base.model] if piece.base else [])
+    if job.companions_from:
+        refs.append(job.companions_from)
+    return list(dict.fromkeys(refs))
+
+
+def _copy_companions(source, folder: Path, tasks: list[TensorTask], layers: int | None) -> None:
+    """Config and tokenizer files of one input; the config's dtype and depth updated."""
     for path in source.companion_files():
         shutil.copyfile(path, folder / path.name)
     config_path = folder / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
     dtypes = {t.output.dtype for t in tasks if t.merge is not None}
-    if config_path.is_file() and len(dtypes) == 1:
-        config = json.loads(config_path.read_text())
+    if len(dtypes) == 1:
         name = TORCH_DTYPE_NAMES[dtypes.pop()]
         for key in ("torch_dtype", "dtype"):
             if key in config:
                 config[key] = name
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if layers is not None and "num_hidden_layers" in config:
+        config["num_hidden_layers"] = layers
+    config_path.write_text(json.dumps(config, indent=2) + "\n")

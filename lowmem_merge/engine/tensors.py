@@ -27,7 +27,7 @@ class TensorTask:
     base: TensorInfo | None
     merge: TensorMerge | None  # None: copy the bytes of copy_from
     context: TensorContext | None = None
-    copy_from: tuple[int, TensorInfo] | None = None  # (source index, info); -1 is the base
+    copy_from: TensorInfo | None = None  # the base's (or first expert's) non-float tensor
     chunk: int = 0  # elements per chunk for this tensor, set once the budget is known
 
     @property
@@ -72,26 +72,14 @@ def layer_positions(names: list[str]) -> dict[str, float]:
 
 def plan_tensors(experts: list[Model], base: Model | None, method: MergeMethod,
                  resolve: ParamResolver, out_dtype: str | None) -> list[TensorTask]:
-    models = experts + ([base] if base else [])
-    check_same_tensors(models)
+    """Every tensor of the first expert, merged from the same tensor of every input."""
+    check_same_tensors(experts + ([base] if base else []))
     ordered = sorted(experts[0].tensors.values(), key=lambda t: (str(t.path), t.offset))
     positions = layer_positions([t.name for t in ordered])
-    tasks = []
-    for info in ordered:
-        inputs = [m.tensors[info.name] for m in experts]
-        base_info = base.tensors[info.name] if base else None
-        if all(t.dtype in ENCODINGS for t in inputs + ([base_info] if base_info else [])):
-            dtype = out_dtype or info.dtype
-            params, model_params = resolve(info.name, positions[info.name])
-            context = TensorContext(info.name, info.shape, params, model_params, base is not None)
-            output = OutputTensor(info.name, dtype, info.shape, info.numel * DTYPE_SIZES[dtype])
-            tasks.append(TensorTask(output, inputs, base_info, method.for_tensor(context),
-                                    context))
-        else:
-            source = (-1, base_info) if base_info else (0, inputs[0])
-            output = OutputTensor(info.name, source[1].dtype, info.shape, source[1].nbytes)
-            tasks.append(TensorTask(output, inputs, base_info, None, copy_from=source))
-    return tasks
+    return [_task(info.name, [m.tensors[info.name] for m in experts],
+                  base.tensors[info.name] if base else None, method,
+                  resolve(info.name, positions[info.name], None), out_dtype)
+            for info in ordered]
 
 
 def assign_chunks(tasks: list[TensorTask], chunk: int, bytes_per_element: int) -> None:
@@ -109,3 +97,98 @@ def assign_chunks(tasks: list[TensorTask], chunk: int, bytes_per_element: int) -
                 f"tensor {task.output.name}: the method needs {unit:,} elements of it in memory"
                 f" at once ({format_bytes(need)} of buffers) but the budget allows chunks of"
                 f" {chunk:,} elements; raise --max-memory")
+
+
+def _layer_tensors(model: Model) -> tuple[dict[int, dict[str, TensorInfo]], list[TensorInfo],
+                                          list[TensorInfo]]:
+    """A model's tensors by layer (suffix-keyed: 'model.layers.{}.mlp...'), before, after."""
+    layers: dict[int, dict[str, TensorInfo]] = {}
+    before, after = [], []
+    ordered = sorted(model.tensors.values(), key=lambda t: (str(t.path), t.offset))
+    seen_layer = False
+    for info in ordered:
+        match = LAYER_INDEX.search(info.name)
+        if match:
+            template = info.name[:match.start(1)] + "{}" + info.name[match.end(1):]
+            layers.setdefault(int(match.group(1)), {})[template] = info
+            seen_layer = True
+        elif "embed" in info.name or not seen_layer:
+            before.append(info)
+        else:
+            after.append(info)
+    return layers, before, after
+
+
+def plan_slices(models: dict[str, Model], slices, method: MergeMethod, resolve: ParamResolver,
+                out_dtype: str | None) -> tuple[list[TensorTask], int]:
+    """Tasks of a frankenmerge and its number of output layers.
+
+    Output layer k of a slice merges layer start + k of every source; tensors
+    outside the layers come from the first slice's sources (embeddings) and
+    the last slice's (final norm, head), as mergekit does.
+    """
+    split = {ref: _layer_tensors(model) for ref, model in models.items()}
+    out_layer = 0
+    layer_tasks: list[TensorTask] = []
+    for index, piece in enumerate(slices):
+        lengths = {s.end - s.start for s in piece.sources}
+        if len(lengths) != 1:
+            raise MergeError(f"slice {index + 1}: its sources have different layer counts"
+                             f" {sorted(lengths)}")
+        count = lengths.pop()
+        for offset in range(count):
+            position = offset / (count - 1) if count > 1 else 1.0
+            first = piece.sources[0]
+            templates = _source_layer(split, first, offset, index)
+            for template in templates:
+                inputs = [_source_layer(split, s, offset, index)[template]
+                          for s in piece.sources]
+                base = _source_layer(split, piece.base, offset, index)[template] \
+                    if piece.base else None
+                name = template.format(out_layer)
+                layer_tasks.append(_task(name, inputs, base, method,
+                                         resolve(name, position, index), out_dtype))
+            out_layer += 1
+    edges = []
+    for piece, part in ((slices[0], 1), (slices[-1], 2)):
+        index = slices.index(piece)
+        for info in split[piece.sources[0].model][part]:
+            inputs = [_tensor(models, s.model, info.name) for s in piece.sources]
+            base = _tensor(models, piece.base.model, info.name) if piece.base else None
+            edges.append(_task(info.name, inputs, base, method,
+                               resolve(info.name, 0.0, index), out_dtype))
+    before = [t for t in edges if t.output.name in {i.name for i in
+                                                   split[slices[0].sources[0].model][1]}]
+    after = [t for t in edges if t not in before]
+    return before + layer_tasks + after, out_layer
+
+
+def _tensor(models: dict[str, Model], ref: str, name: str) -> TensorInfo:
+    if name not in models[ref].tensors:
+        raise MergeError(f"{ref} has no tensor {name!r}")
+    return models[ref].tensors[name]
+
+
+def _source_layer(split, source, offset: int, index: int) -> dict[str, TensorInfo]:
+    layers = split[source.model][0]
+    layer = source.start + offset
+    if layer not in layers:
+        raise MergeError(f"slice {index + 1}: {source.model} has no layer {layer}"
+                         f" (layer_range [{source.start}, {source.end}])")
+    return layers[layer]
+
+
+def _task(name: str, inputs: list[TensorInfo], base: TensorInfo | None, method: MergeMethod,
+          params, out_dtype: str | None) -> TensorTask:
+    shapes = {t.shape for t in inputs + ([base] if base else [])}
+    if len(shapes) != 1:
+        raise MergeError(f"tensor {name}: its sources have different shapes {sorted(shapes)}")
+    first = inputs[0]
+    if not all(t.dtype in ENCODINGS for t in inputs + ([base] if base else [])):
+        source = base or first
+        output = OutputTensor(name, source.dtype, first.shape, source.nbytes)
+        return TensorTask(output, inputs, base, None, copy_from=source)
+    dtype = out_dtype or first.dtype
+    context = TensorContext(name, first.shape, params[0], params[1], base is not None)
+    output = OutputTensor(name, dtype, first.shape, first.numel * DTYPE_SIZES[dtype])
+    return TensorTask(output, inputs, base, method.for_tensor(context), context)
