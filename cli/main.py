@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from lowmem_merge.config import build_job, parse_assignment
+from lowmem_merge.config import build_job, job_from_yaml, parse_assignment
 from lowmem_merge.engine import MergeReport, run_merge
 from lowmem_merge.errors import MergeError
 from lowmem_merge.io import open_model
@@ -74,6 +74,27 @@ def merge(models, output, method, base, weights, params, dtype, max_memory, thre
                         params=dict(parse_assignment(p) for p in params), dtype=dtype,
                         max_memory=max_memory, threads=threads, shard_size=shard_size,
                         force=force, progress=not quiet and sys.stderr.isatty())
+    except MergeError as exc:
+        _fail(str(exc))
+    report = _run(job)
+    if not quiet:
+        _print_report(report)
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--max-memory", help="Memory budget, e.g. 2GiB (default: half of available).")
+@click.option("--threads", type=int, help="Compute threads (default: all cores).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
+def run(config, output, max_memory, threads, shard_size, force, quiet) -> None:
+    """Run a mergekit YAML CONFIG, writing the merged model to OUTPUT."""
+    try:
+        job = job_from_yaml(config, output, max_memory=max_memory, threads=threads,
+                            shard_size=shard_size, force=force,
+                            progress=not quiet and sys.stderr.isatty())
     except MergeError as exc:
         _fail(str(exc))
     report = _run(job)

@@ -42,7 +42,8 @@ def check_setting(param: Param, setting: Any, where: str) -> None:
         for item in setting:
             value = item.get("value") if isinstance(item, dict) else item
             if isinstance(item, dict) and set(item) - {"filter", "value"}:
-                raise MergeError(f"{where}: condition keys must be 'filter' and 'value', got"
+                prefix = f"{where}: " if where else ""
+                raise MergeError(f"{prefix}condition keys must be 'filter' and 'value', got"
                                  f" {sorted(item)}")
             check_setting(param, value, where)
         return
@@ -65,7 +66,8 @@ def coerce(param: Param, value: Any, where: str) -> Any:
             return float(value)
     elif isinstance(value, kind):
         return value
-    raise MergeError(f"{where}: {param.name} must be {kind.__name__}, got {value!r}")
+    prefix = f"{where}: " if where else ""
+    raise MergeError(f"{prefix}{param.name} must be {kind.__name__}, got {value!r}")
 
 
 def resolve(param: Param, settings: list[dict[str, Any]], tensor: str, position: float,
