@@ -146,7 +146,8 @@ def test_slerp_slices_with_gradient_match_plain_slerp(tmp_path):
     from lowmem_merge import merge
 
     merge([first, second], "slerp", tmp_path / "plain", t=[0, 0.5, 1], dtype="float32")
-    sliced, plain = read_safetensors(tmp_path / "sliced")[0], read_safetensors(tmp_path / "plain")[0]
+    sliced = read_safetensors(tmp_path / "sliced")[0]
+    plain = read_safetensors(tmp_path / "plain")[0]
     assert sliced.keys() == plain.keys()
     for name in plain:
         np.testing.assert_array_equal(sliced[name], plain[name])
