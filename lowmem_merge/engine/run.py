@@ -13,9 +13,10 @@ import numba
 import numpy as np
 
 from .. import __version__, kernels
+from ..errors import MergeError
 from ..io import OutputFolder, ShardedSafetensorsWriter, check_output_path, open_model
 from ..methods import Chunk, MergeMethod, OutChunk
-from .budget import chunk_elements, default_max_memory, peak_rss
+from .budget import chunk_elements, current_rss, default_max_memory, peak_rss
 from .job import MergeJob, MergeReport
 from .pipeline import Loaded, Pipeline, bytes_per_element
 from .progress import Progress
@@ -52,8 +53,10 @@ def run_merge(job: MergeJob) -> MergeReport:
     _warm_kernels(job.method, tasks)
     max_memory = job.max_memory or default_max_memory()
     element_bytes = bytes_per_element(tasks, n_experts)
-    chunk = job.chunk_elements or chunk_elements(max_memory, element_bytes)
-    assign_chunks(tasks, chunk, element_bytes)
+    working = max((t.merge.working_bytes for t in tasks if t.merge is not None), default=0)
+    chunk = job.chunk_elements or _chunk_for(max_memory, working, element_bytes)
+    assign_chunks(tasks, chunk, element_bytes, max(max_memory - current_rss()
+                                                   - chunk * element_bytes, 0))
     folder = OutputFolder(job.output)
     try:
         writer = ShardedSafetensorsWriter(folder.staging, [t.output for t in tasks],
@@ -87,6 +90,17 @@ def run_merge(job: MergeJob) -> MergeReport:
         bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks),
         seconds=time.perf_counter() - started, peak_rss=peak_rss(), max_memory=max_memory,
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
+
+
+def _chunk_for(max_memory: int, working: int, element_bytes: int) -> int:
+    """Chunk elements leaving room for the largest working memory of a method, if it fits;
+    otherwise the plain chunk, and assign_chunks names the tensor that does not fit."""
+    try:
+        return chunk_elements(max_memory - working, element_bytes)
+    except MergeError:
+        if not working:
+            raise
+        return chunk_elements(max_memory, element_bytes)
 
 
 WARM_UP_SHAPE = (4, 64)

@@ -82,9 +82,19 @@ def plan_tensors(experts: list[Model], base: Model | None, method: MergeMethod,
             for info in ordered]
 
 
-def assign_chunks(tasks: list[TensorTask], chunk: int, bytes_per_element: int) -> None:
-    """Each tensor's chunk: the budget's, rounded down to what its method keeps together."""
+def assign_chunks(tasks: list[TensorTask], chunk: int, bytes_per_element: int,
+                  spare: int) -> None:
+    """Each tensor's chunk: the budget's, rounded down to what its method keeps together.
+
+    spare is what the budget leaves beside the chunk buffers for methods' working memory.
+    """
     for task in tasks:
+        working = task.merge.working_bytes if task.merge is not None else 0
+        if working > spare:
+            raise MergeError(
+                f"tensor {task.output.name}: the method needs {format_bytes(working)} of working"
+                f" memory besides the chunk buffers; the budget leaves {format_bytes(spare)}:"
+                " raise --max-memory")
         unit = task.merge.chunk_unit if task.merge is not None else None
         if unit is None:
             task.chunk = chunk

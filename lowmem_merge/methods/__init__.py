@@ -14,11 +14,12 @@ from .passthrough import Passthrough
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
+from .tsv import Tsv
 
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     Karcher(), Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(),
     Breadcrumbs(), BreadcrumbsTies(), Della(), DellaLinear(), ModelStock(), MultiSlerp(),
-    NuSlerp(), Passthrough())}
+    NuSlerp(), Passthrough(), Tsv())}
 
 
 def get_method(name: str) -> MergeMethod:

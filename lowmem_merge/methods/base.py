@@ -82,6 +82,8 @@ class TensorMerge(ABC):
     # Elements that must arrive together in one chunk (a row, or the whole tensor);
     # None: any chunk (starting at a multiple of the kernels' reduction block).
     chunk_unit: int | None = None
+    # Memory the method holds besides the chunk buffers (bytes), checked against the budget.
+    working_bytes: int = 0
 
     def observe(self, pass_index: int, chunk: Chunk) -> None:  # noqa: B027
         """Accumulate statistics of one chunk (only called if stat_passes > 0)."""
