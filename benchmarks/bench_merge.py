@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per method")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     parser.add_argument("--threads", type=int, help="passed to lowmem-merge --threads")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="method parameter passed to lowmem-merge --param; repeat")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for arg in args.method or ["karcher"]
@@ -239,6 +241,8 @@ def merge_command(args: argparse.Namespace, method: str, experts: list[Path],
         command += ["--base", str(base)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    for param in args.param:
+        command += ["--param", param]
     return command
 
 

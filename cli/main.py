@@ -60,10 +60,11 @@ def main(verbose: bool) -> None:
 @click.option("--max-memory", help="Memory budget, e.g. 2GiB (default: half of available).")
 @click.option("--threads", type=int, help="Compute threads (default: all cores).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--seed", type=int, help="Seed of random drop masks (dare_*, della*).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
 def merge(models, output, method, base, weights, params, dtype, max_memory, threads,
-          shard_size, force, quiet) -> None:
+          shard_size, seed, force, quiet) -> None:
     """Merge MODELS (folders, .safetensors files or hub ids org/name[@rev]) into OUT."""
     try:
         weight_values = [float(w) for w in weights.split(",")] if weights else None
@@ -73,7 +74,7 @@ def merge(models, output, method, base, weights, params, dtype, max_memory, thre
         job = build_job(models, output, method=method, base=base, weights=weight_values,
                         params=dict(parse_assignment(p) for p in params), dtype=dtype,
                         max_memory=max_memory, threads=threads, shard_size=shard_size,
-                        force=force, progress=not quiet and sys.stderr.isatty())
+                        force=force, seed=seed, progress=not quiet and sys.stderr.isatty())
     except MergeError as exc:
         _fail(str(exc))
     report = _run(job)
@@ -87,13 +88,14 @@ def merge(models, output, method, base, weights, params, dtype, max_memory, thre
 @click.option("--max-memory", help="Memory budget, e.g. 2GiB (default: half of available).")
 @click.option("--threads", type=int, help="Compute threads (default: all cores).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--seed", type=int, help="Seed of random drop masks (dare_*, della*).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
-def run(config, output, max_memory, threads, shard_size, force, quiet) -> None:
+def run(config, output, max_memory, threads, shard_size, seed, force, quiet) -> None:
     """Run a mergekit YAML CONFIG, writing the merged model to OUTPUT."""
     try:
         job = job_from_yaml(config, output, max_memory=max_memory, threads=threads,
-                            shard_size=shard_size, force=force,
+                            shard_size=shard_size, force=force, seed=seed,
                             progress=not quiet and sys.stderr.isatty())
     except MergeError as exc:
         _fail(str(exc))

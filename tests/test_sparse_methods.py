@@ -199,3 +199,22 @@ def test_della_refuses_epsilon_outside_the_interval(tmp_path):
     with pytest.raises(MergeError, match=r"density 0.9 \+/- epsilon 0.2"):
         lowmem_merge.merge(paths, "della", tmp_path / "o", base=base_path, density=0.9,
                            epsilon=0.2)
+
+
+def test_seed_option_reproduces_and_changes_the_mask(tmp_path):
+    from click.testing import CliRunner
+    from lowmem_merge_cli.main import main
+
+    base_path, paths, _, _ = make_inputs(tmp_path, 2, spread=2)
+    outputs = {}
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        result = CliRunner().invoke(main, ["merge", *map(str, paths), "-m", "dare_linear",
+                                           "--base", str(base_path), "-p", "density=0.5",
+                                           "--seed", seed, "-q", "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        outputs[name] = read_safetensors(tmp_path / name)[0]["big"]
+    assert np.array_equal(outputs["a"], outputs["b"])
+    assert not np.array_equal(outputs["a"], outputs["c"])
+    refused = CliRunner().invoke(main, ["merge", *map(str, paths), "-m", "linear", "--seed",
+                                        "1", "-o", str(tmp_path / "d")])
+    assert refused.exit_code == 1 and "draws nothing at random" in refused.output

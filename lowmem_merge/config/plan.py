@@ -35,7 +35,7 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
               dtype: str | None = None, max_memory: str | int | None = None,
               threads: int | None = None, shard_size: str | int = "5GB",
               force: bool = False, progress: bool = False,
-              chunk_elements: int | None = None) -> MergeJob:
+              chunk_elements: int | None = None, seed: int | None = None) -> MergeJob:
     merge_method = get_method(method)
     experts = [str(m) for m in models]
     base_ref = str(base) if base is not None else None
@@ -53,6 +53,10 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
     if problem:
         raise MergeError(problem)
     global_params = dict(params or {})
+    if seed is not None:
+        if "seed" not in {p.name for p in merge_method.params}:
+            raise MergeError(f"--seed: method {merge_method.name!r} draws nothing at random")
+        global_params["seed"] = seed
     _check_params(merge_method, global_params, per_model)
     if chunk_elements is not None and (chunk_elements < CHUNK_ALIGN
                                        or chunk_elements % CHUNK_ALIGN):

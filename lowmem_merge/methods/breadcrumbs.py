@@ -5,7 +5,6 @@ from .sparse_task_vectors import (
     GAMMA,
     WEIGHT,
     SparseTaskVectorMethod,
-    Sparsification,
     common_params,
 )
 
@@ -16,7 +15,7 @@ class Breadcrumbs(SparseTaskVectorMethod):
     reference = "https://arxiv.org/abs/2312.06795"
     params = common_params(normalize=False, rescale=False)
     model_params = (WEIGHT, DENSITY, GAMMA)
-    sparsification = Sparsification("outliers")
+    sparsification = "outliers"
     consensus = False
 
 

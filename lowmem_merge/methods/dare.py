@@ -5,7 +5,6 @@ from .sparse_task_vectors import (
     SEED,
     WEIGHT,
     SparseTaskVectorMethod,
-    Sparsification,
     common_params,
 )
 
@@ -16,7 +15,7 @@ class DareTies(SparseTaskVectorMethod):
     reference = "https://arxiv.org/abs/2311.03099"
     params = (*common_params(normalize=False, rescale=True), SEED)
     model_params = (WEIGHT, DENSITY)
-    sparsification = Sparsification("random")
+    sparsification = "random"
     consensus = True
 
 

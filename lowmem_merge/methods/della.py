@@ -6,7 +6,6 @@ from .sparse_task_vectors import (
     SEED,
     WEIGHT,
     SparseTaskVectorMethod,
-    Sparsification,
     common_params,
 )
 
@@ -17,7 +16,7 @@ class Della(SparseTaskVectorMethod):
     reference = "https://arxiv.org/abs/2406.11617"
     params = (*common_params(normalize=True, rescale=True), SEED)
     model_params = (WEIGHT, DENSITY, EPSILON)
-    sparsification = Sparsification("rank")
+    sparsification = "rank"
     consensus = True
 
 

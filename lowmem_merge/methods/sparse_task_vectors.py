@@ -10,7 +10,6 @@ follow mergekit's generalized task arithmetic.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -36,13 +35,6 @@ def common_params(normalize: bool, rescale: bool) -> tuple[Param, ...]:
         Param("rescale", bool, rescale, "rescale each sparsified task vector to its L1 norm"),
         Param("int8_mask", bool, False, "accepted for mergekit configs; masks are bits here"),
     )
-
-
-@dataclass(frozen=True)
-class Sparsification:
-    """How a method keeps task-vector elements: which kernel rule and its extra params."""
-
-    kind: str  # "none", "magnitude", "outliers", "random", "rank"
 
 
 def expert_seed(seed: int, tensor: str, expert: int) -> np.uint64:
@@ -75,10 +67,9 @@ def top_counts(kind: str, numel: int, density: float, gamma: float) -> tuple[int
 class SparseTaskVectors(TensorMerge):
     uses_base = True
 
-    def __init__(self, context: TensorContext, sparsification: Sparsification,
-                 consensus: bool) -> None:
+    def __init__(self, context: TensorContext, sparsification: str, consensus: bool) -> None:
         self.context = context
-        self.kind = sparsification.kind
+        self.kind = sparsification
         self.consensus = consensus
         n = context.n_experts
         params, models = context.params, context.model_params
@@ -212,7 +203,9 @@ class SparseTaskVectorMethod(MergeMethod):
     """A method of the family: its sparsification, consensus and default flags."""
 
     base_model = "required"
-    sparsification: Sparsification = Sparsification("none")
+    # How elements are kept: "magnitude" (top-k), "outliers" (breadcrumbs), "random" (DARE),
+    # "rank" (DELLA's MagPrune) or "none".
+    sparsification: str = "none"
     consensus: bool = False
 
     def for_tensor(self, context: TensorContext) -> TensorMerge:
@@ -220,4 +213,4 @@ class SparseTaskVectorMethod(MergeMethod):
 
 
 __all__ = ["DENSITY", "EPSILON", "GAMMA", "SEED", "WEIGHT", "SparseTaskVectorMethod",
-           "Sparsification", "common_params"]
+           "common_params"]

@@ -4,7 +4,6 @@ from .sparse_task_vectors import (
     DENSITY,
     WEIGHT,
     SparseTaskVectorMethod,
-    Sparsification,
     common_params,
 )
 
@@ -15,5 +14,5 @@ class Ties(SparseTaskVectorMethod):
     reference = "https://arxiv.org/abs/2306.01708"
     params = common_params(normalize=True, rescale=False)
     model_params = (WEIGHT, DENSITY)
-    sparsification = Sparsification("magnitude")
+    sparsification = "magnitude"
     consensus = True
