@@ -37,6 +37,33 @@ def _print_report(report: MergeReport) -> None:
         click.echo(line)
 
 
+def _run_options(command):
+    """Options every merging command takes: budget, threads, shards, seed, overwrite, quiet."""
+    for option in reversed([
+        click.option("--max-memory", help="Memory budget, e.g. 2GiB (default: half of"
+                     " available)."),
+        click.option("--threads", type=int, help="Compute threads (default: all cores)."),
+        click.option("--shard-size", default="5GB", show_default=True,
+                     help="Largest output shard."),
+        click.option("--seed", type=int, help="Seed of random drop masks (dare_*, della*)."),
+        click.option("--force", is_flag=True, help="Replace an existing output folder."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _build_and_run(build, quiet: bool, **options) -> None:
+    """Build a job (errors are one line), run it, print the report unless quiet."""
+    try:
+        job = build(**options, progress=not quiet and sys.stderr.isatty())
+    except MergeError as exc:
+        _fail(str(exc))
+    report = _run(job)
+    if not quiet:
+        _print_report(report)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lowmem-merge")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the merge decides.")
@@ -57,51 +84,28 @@ def main(verbose: bool) -> None:
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method parameter; repeat. A comma list is a gradient over layers.")
 @click.option("--dtype", help="Output dtype: bfloat16, float16 or float32 (default: as input).")
-@click.option("--max-memory", help="Memory budget, e.g. 2GiB (default: half of available).")
-@click.option("--threads", type=int, help="Compute threads (default: all cores).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--seed", type=int, help="Seed of random drop masks (dare_*, della*).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
-def merge(models, output, method, base, weights, params, dtype, max_memory, threads,
-          shard_size, seed, force, quiet) -> None:
+@_run_options
+def merge(models, output, method, base, weights, params, dtype, quiet, **options) -> None:
     """Merge MODELS (folders, .safetensors files or hub ids org/name[@rev]) into OUT."""
     try:
         weight_values = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
         _fail(f"--weights {weights!r}: expected comma-separated numbers")
     try:
-        job = build_job(models, output, method=method, base=base, weights=weight_values,
-                        params=dict(parse_assignment(p) for p in params), dtype=dtype,
-                        max_memory=max_memory, threads=threads, shard_size=shard_size,
-                        force=force, seed=seed, progress=not quiet and sys.stderr.isatty())
+        params = dict(parse_assignment(p) for p in params)
     except MergeError as exc:
         _fail(str(exc))
-    report = _run(job)
-    if not quiet:
-        _print_report(report)
+    _build_and_run(build_job, quiet, models=models, output=output, method=method, base=base,
+                   weights=weight_values, params=params, dtype=dtype, **options)
 
 
 @main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--max-memory", help="Memory budget, e.g. 2GiB (default: half of available).")
-@click.option("--threads", type=int, help="Compute threads (default: all cores).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--seed", type=int, help="Seed of random drop masks (dare_*, della*).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
-def run(config, output, max_memory, threads, shard_size, seed, force, quiet) -> None:
+@_run_options
+def run(config, output, quiet, **options) -> None:
     """Run a mergekit YAML CONFIG, writing the merged model to OUTPUT."""
-    try:
-        job = job_from_yaml(config, output, max_memory=max_memory, threads=threads,
-                            shard_size=shard_size, force=force, seed=seed,
-                            progress=not quiet and sys.stderr.isatty())
-    except MergeError as exc:
-        _fail(str(exc))
-    report = _run(job)
-    if not quiet:
-        _print_report(report)
+    _build_and_run(job_from_yaml, quiet, path=config, output=output, **options)
 
 
 @main.command()

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import merge  # noqa: E402
+from .api import merge, run_config  # noqa: E402
 
-__all__ = ["__version__", "merge"]
+__all__ = ["__version__", "merge", "run_config"]

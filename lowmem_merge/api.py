@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import build_job
+from .config import build_job, job_from_yaml
 from .engine import MergeReport, run_merge
 
 
@@ -27,3 +27,8 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
                     shard_size=shard_size, force=force, progress=progress,
                     chunk_elements=chunk_elements)
     return run_merge(job)
+
+
+def run_config(config: str | Path, out: str | Path, **options: Any) -> MergeReport:
+    """Run a mergekit YAML config; options as merge's (max_memory, threads, force, seed...)."""
+    return run_merge(job_from_yaml(config, out, **options))

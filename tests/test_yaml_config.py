@@ -67,8 +67,9 @@ def test_filtered_gradient_parameters(tmp_path):
                 - value: 2.0
         out_dtype: float32
         """)
-    job = job_from_yaml(config, tmp_path / "out")
-    run_merge(job)
+    from lowmem_merge import run_config
+
+    run_config(config, tmp_path / "out")
     got = read_safetensors(tmp_path / "out")[0]
     assert_f32_close(got["big"], reference_task_arithmetic(base, experts, [0.25], 1.0)["big"])
     assert_f32_close(got["vec"], reference_task_arithmetic(base, experts, [2.0], 1.0)["vec"])
