@@ -130,21 +130,23 @@ def _line_gram_kernel(encoding: int, base_encoding: int, subtract_base: bool, by
         """by_row: out[r] = Gram of row r of this chunk; else out[c] += Gram of column c."""
         n_experts = len(rows)
         n_rows = rows[0].shape[0] // row_length
+        count = row_length if by_row else n_rows
         for line in prange(out.shape[0]):
-            acc = np.zeros((n_experts, n_experts))
-            values = np.empty(n_experts)
-            count = row_length if by_row else n_rows
-            for step in range(count):
-                j = line * row_length + step if by_row else step * row_length + line
-                b = np.float64(decode(base[j], base_encoding)) if subtract_base else 0.0
-                for i in range(n_experts):
-                    values[i] = np.float64(decode(rows[i][j], encoding)) - b
-                for i in range(n_experts):
-                    for k in range(i, n_experts):
-                        acc[i, k] += values[i] * values[k]
+            values = np.empty((n_experts, count))
+            for i in range(n_experts):
+                row = rows[i]  # hoisted: indexing the tuple inside the loop is slow
+                for step in range(count):
+                    j = line * row_length + step if by_row else step * row_length + line
+                    value = np.float64(decode(row[j], encoding))
+                    if subtract_base:
+                        value -= np.float64(decode(base[j], base_encoding))
+                    values[i, step] = value
             for i in range(n_experts):
                 for k in range(i, n_experts):
-                    out[line, i, k] += acc[i, k]
+                    total = 0.0
+                    for step in range(count):
+                        total += values[i, step] * values[k, step]
+                    out[line, i, k] += total
                     out[line, k, i] = out[line, i, k]
     return gram
 
@@ -165,13 +167,21 @@ def _line_sum_kernel(encoding: int, base_encoding: int, around_base: bool, by_ro
     @njit(parallel=True, nogil=True, cache=True)
     def weighted(rows, coefficients, base, base_coefficient, row_length, first_row, out):
         n_experts = len(rows)
-        for j in prange(out.shape[0]):
-            line = first_row + j // row_length if by_row else j % row_length
-            total = 0.0
-            b = np.float64(decode(base[j], base_encoding)) if around_base else 0.0
+        n_rows = out.shape[0] // row_length
+        for r in prange(n_rows):
+            lo = r * row_length
+            totals = np.zeros(row_length)
             for i in range(n_experts):
-                total += coefficients[line, i] * (np.float64(decode(rows[i][j], encoding)) - b)
-            out[j] = encode(total + base_coefficient * b, out_encoding)
+                row = rows[i]  # hoisted: indexing the tuple inside the loop is slow
+                for step in range(row_length):
+                    line = first_row + r if by_row else step
+                    value = np.float64(decode(row[lo + step], encoding))
+                    if around_base:
+                        value -= np.float64(decode(base[lo + step], base_encoding))
+                    totals[step] += coefficients[line, i] * value
+            for step in range(row_length):
+                b = np.float64(decode(base[lo + step], base_encoding)) if around_base else 0.0
+                out[lo + step] = encode(totals[step] + base_coefficient * b, out_encoding)
     return weighted
 
 
