@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from dataclasses import replace
@@ -29,7 +28,6 @@ from .tensors import (
     plan_tensors,
 )
 
-log = logging.getLogger(__name__)
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -41,22 +39,11 @@ def run_merge(job: MergeJob) -> MergeReport:
     inputs = list(models.values())
     check_output_path(job.output, [t.path for m in inputs for t in m.tensors.values()],
                       [m.folder for m in inputs if m.is_folder], job.force)
-    layers = None
-    if job.slices:
-        tasks, layers = plan_slices(models, job.slices, job.method, job.resolve_params,
-                                    job.out_dtype)
-    else:
-        tasks = plan_tensors([models[r] for r in job.experts],
-                             models[job.base] if job.base else None, job.method,
-                             job.resolve_params, job.out_dtype)
+    tasks, layers = _plan(job, models)
     n_experts = max((len(t.experts) for t in tasks), default=1)
     _warm_kernels(job.method, tasks)
     max_memory = job.max_memory or default_max_memory()
-    element_bytes = bytes_per_element(tasks, n_experts)
-    working = max((t.merge.working_bytes for t in tasks if t.merge is not None), default=0)
-    chunk = job.chunk_elements or _chunk_for(max_memory, working, element_bytes)
-    assign_chunks(tasks, chunk, element_bytes, max(max_memory - current_rss()
-                                                   - chunk * element_bytes, 0))
+    chunk = _size_chunks(job, tasks, n_experts, max_memory)
     folder = OutputFolder(job.output)
     try:
         writer = ShardedSafetensorsWriter(folder.staging, [t.output for t in tasks],
@@ -90,6 +77,27 @@ def run_merge(job: MergeJob) -> MergeReport:
         bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks),
         seconds=time.perf_counter() - started, peak_rss=peak_rss(), max_memory=max_memory,
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
+
+
+def _plan(job: MergeJob, models: dict) -> tuple[list[TensorTask], int | None]:
+    """The output tensors, and the number of output layers of a frankenmerge."""
+    if job.slices:
+        return plan_slices(models, job.slices, job.method, job.resolve_params, job.out_dtype)
+    tasks = plan_tensors([models[r] for r in job.experts],
+                         models[job.base] if job.base else None, job.method,
+                         job.resolve_params, job.out_dtype)
+    return tasks, None
+
+
+def _size_chunks(job: MergeJob, tasks: list[TensorTask], n_experts: int,
+                 max_memory: int) -> int:
+    """The budget's chunk size; each task's own chunk is set from it."""
+    element_bytes = bytes_per_element(tasks, n_experts)
+    working = max((t.merge.working_bytes for t in tasks if t.merge is not None), default=0)
+    chunk = job.chunk_elements or _chunk_for(max_memory, working, element_bytes)
+    spare = max(max_memory - current_rss() - chunk * element_bytes, 0)
+    assign_chunks(tasks, chunk, element_bytes, spare)
+    return chunk
 
 
 def _chunk_for(max_memory: int, working: int, element_bytes: int) -> int:
