@@ -169,3 +169,20 @@ def test_parameter_errors_before_any_work(tmp_path, method, kwargs, message):
         lowmem_merge.merge([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], method,
                            tmp_path / "o", **kwargs)
     assert not (tmp_path / "o").exists()
+
+
+def test_writeback_flushes_windows_behind_the_writer(tmp_path):
+    import os
+
+    from lowmem_merge.io.writeback import WriteBack
+
+    data = np.random.default_rng(1).bytes(100_000)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    writeback = WriteBack(fd, window=4096)
+    for start in range(0, len(data), 777):
+        os.write(fd, data[start:start + 777])
+        writeback.wrote(min(start + 777, len(data)))
+    os.close(fd)
+    assert writeback.started == len(data) // 4096 * 4096
+    assert writeback.dropped == writeback.started - 4096
+    assert (tmp_path / "f").read_bytes() == data

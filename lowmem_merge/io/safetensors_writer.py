@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .model import INDEX_NAME
-
-# Written pages are flushed and dropped every this many bytes, so the merge
-# does not accumulate dirty page cache (which counts against a cgroup limit).
-FLUSH_EVERY = 256 * 1024 * 1024
+from .writeback import WriteBack
 
 
 @dataclass(frozen=True)
@@ -77,8 +74,8 @@ class ShardedSafetensorsWriter:
         self._shard_index = -1
         self._fd = -1
         self._remaining = 0
-        self._written = 0
-        self._flushed = 0
+        self._position = 0
+        self._writeback: WriteBack | None = None
         self._next_shard()
 
     def _next_shard(self) -> None:
@@ -87,6 +84,8 @@ class ShardedSafetensorsWriter:
         shard = self.shards[self._shard_index]
         self._fd = os.open(self.folder / shard.file_name,
                            os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._position = 0
+        self._writeback = WriteBack(self._fd)
         header = _header_bytes(shard, self._metadata)
         self._write_all(memoryview(header))
         self._remaining = shard.data_bytes
@@ -106,12 +105,8 @@ class ShardedSafetensorsWriter:
         while len(data):
             count = os.write(self._fd, data)
             data = data[count:]
-            self._written += count
-        if self._written - self._flushed >= FLUSH_EVERY:
-            os.fdatasync(self._fd)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            self._flushed = self._written
+            self._position += count
+        self._writeback.wrote(self._position)
 
     def _close_current(self) -> None:
         if self._fd >= 0:
