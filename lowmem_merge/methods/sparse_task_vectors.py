@@ -100,6 +100,8 @@ class SparseTaskVectors(TensorMerge):
             self.chunk_unit = self.block
         self.passes = (["high", "low"] if self._needs_select() else []) \
             + (["l1"] if self.rescale else [])
+        if self._needs_select():  # the low pass's histograms, at most
+            self.working_bytes = MAX_PARTS * n * 2 * sparse.BINS * 8
         self.stat_passes = len(self.passes)
         self._running = None
 
