@@ -78,7 +78,7 @@ class MergeReport:
             f"output          {self.output}",
             f"tensors         {self.tensors_merged} merged, {self.tensors_copied} copied,"
             f" {self.streamed_tensors} streamed in chunks",
-            f"read            {format_bytes(self.bytes_read)} ({rate:.0f} MB/s)",
+            f"read            {format_bytes(self.bytes_read)} ({rate:.3g} MB/s)",
             f"written         {format_bytes(self.bytes_written)}",
             f"time            {self.seconds:.2f} s",
             f"peak RSS        {format_bytes(self.peak_rss)}"
