@@ -148,9 +148,7 @@ def plan_slices(models: dict[str, Model], slices, method: MergeMethod, resolve: 
         count = lengths.pop()
         for offset in range(count):
             position = offset / (count - 1) if count > 1 else 1.0
-            first = piece.sources[0]
-            templates = _source_layer(split, first, offset, index)
-            for template in templates:
+            for template in _source_layer(split, piece.sources[0], offset, index):
                 inputs = [_source_layer(split, s, offset, index)[template]
                           for s in piece.sources]
                 base = _source_layer(split, piece.base, offset, index)[template] \
@@ -159,18 +157,26 @@ def plan_slices(models: dict[str, Model], slices, method: MergeMethod, resolve: 
                 layer_tasks.append(_task(name, inputs, base, method,
                                          resolve(name, position, index), out_dtype))
             out_layer += 1
-    edges = []
-    for piece, part in ((slices[0], 1), (slices[-1], 2)):
-        index = slices.index(piece)
-        for info in split[piece.sources[0].model][part]:
-            inputs = [_tensor(models, s.model, info.name) for s in piece.sources]
-            base = _tensor(models, piece.base.model, info.name) if piece.base else None
-            edges.append(_task(info.name, inputs, base, method,
-                               resolve(info.name, 0.0, index), out_dtype))
-    before = [t for t in edges if t.output.name in {i.name for i in
-                                                   split[slices[0].sources[0].model][1]}]
-    after = [t for t in edges if t not in before]
+    first, last = slices[0], slices[-1]
+    before = _edge_tasks(models, split[first.sources[0].model][1], first, 0, method, resolve,
+                         out_dtype)
+    after = _edge_tasks(models, split[last.sources[0].model][2], last, len(slices) - 1, method,
+                        resolve, out_dtype)
     return before + layer_tasks + after, out_layer
+
+
+def _edge_tasks(models: dict[str, Model], infos: list[TensorInfo], piece, index: int,
+                method: MergeMethod, resolve: ParamResolver,
+                out_dtype: str | None) -> list[TensorTask]:
+    """Tensors outside the layers (embeddings, or final norm and head), merged over a slice's
+    sources as if they were at the start of its gradient."""
+    tasks = []
+    for info in infos:
+        inputs = [_tensor(models, s.model, info.name) for s in piece.sources]
+        base = _tensor(models, piece.base.model, info.name) if piece.base else None
+        tasks.append(_task(info.name, inputs, base, method, resolve(info.name, 0.0, index),
+                           out_dtype))
+    return tasks
 
 
 def _tensor(models: dict[str, Model], ref: str, name: str) -> TensorInfo:
