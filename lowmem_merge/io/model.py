@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError, MergeError
+from .gguf_reader import read_gguf_header, split_paths
+from .gguf_values import Metadata
 from .safetensors_reader import TensorInfo, read_safetensors_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -31,10 +33,15 @@ class Model:
     label: str
     folder: Path | None
     tensors: dict[str, TensorInfo]
-    is_folder: bool = True  # False when opened as a single .safetensors file
+    is_folder: bool = True  # False when opened as a single file
+    gguf_metadata: Metadata | None = None  # the first file's metadata for GGUF models
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_metadata is not None
 
     def companion_files(self) -> list[Path]:
-        if self.folder is None:
+        if self.folder is None or self.is_gguf:
             return []
         return [self.folder / name for name in COMPANION_FILES if (self.folder / name).is_file()]
 
@@ -51,6 +58,8 @@ class Model:
 def open_local_model(path: Path, label: str | None = None) -> Model:
     """Open a .safetensors file or a folder of shards (with or without an index)."""
     label = label or str(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return open_gguf_model(path, label)
     if path.is_file():
         _refuse_non_safetensors(path)
         tensors, _ = read_safetensors_header(path)
@@ -80,10 +89,22 @@ def open_local_model(path: Path, label: str | None = None) -> Model:
 def _refuse_non_safetensors(path: Path) -> None:
     if path.suffix in PICKLE_SUFFIXES:
         raise InputFileError(path, PICKLE_HINT)
-    if path.suffix == ".gguf":
-        raise InputFileError(path, "GGUF input is not supported yet; use safetensors")
     if path.suffix != ".safetensors":
-        raise InputFileError(path, "expected a .safetensors file or a model folder")
+        raise InputFileError(path, "expected a .safetensors or .gguf file or a model folder")
+
+
+def open_gguf_model(path: Path, label: str) -> Model:
+    """A GGUF file, or all files of a split GGUF given its first file."""
+    tensors: dict[str, TensorInfo] = {}
+    metadata = None
+    for part in split_paths(path):
+        header = read_gguf_header(part)
+        metadata = metadata if metadata is not None else header.metadata
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise InputFileError(part, f"tensor {name!r} is also in {tensors[name].path.name}")
+            tensors[name] = info
+    return Model(label, path.parent, tensors, is_folder=False, gguf_metadata=metadata)
 
 
 def _tensors_from_index(folder: Path, index: Path) -> dict[str, TensorInfo]:

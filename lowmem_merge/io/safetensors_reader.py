@@ -27,7 +27,14 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes are: file, absolute offset and length."""
+    """Where one tensor's bytes are: file, absolute offset and length.
+
+    dtype is a safetensors dtype or a ggml type name (Q4_K, ...); data comes in
+    blocks of block_elements elements and block_bytes bytes (1 element for
+    plain dtypes). When the model's tensors are presented under the other
+    format's names, Llama-family q/k weights have their rows permuted within
+    each of permute_heads heads (0: stored order).
+    """
 
     name: str
     dtype: str
@@ -35,10 +42,35 @@ class TensorInfo:
     path: Path
     offset: int
     nbytes: int
+    block_elements: int = 1
+    block_bytes: int = 0  # 0: DTYPE_SIZES[dtype]
+    permute_heads: int = 0
+    permute_to_gguf: bool = False
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_bytes or DTYPE_SIZES[self.dtype]
+
+    def byte_span(self, start: int, count: int) -> tuple[int, int]:
+        """Absolute offset and length of elements [start, start + count), whole blocks."""
+        if start % self.block_elements or (count % self.block_elements
+                                           and start + count != self.numel):
+            raise ValueError(f"{self.name}: elements {start}+{count} are not whole blocks"
+                             f" of {self.block_elements}")
+        first = start // self.block_elements
+        blocks = -(-count // self.block_elements)
+        return self.offset + first * self.bytes_per_block, blocks * self.bytes_per_block
+
+    @property
+    def permuted_unit(self) -> int:
+        """Elements of one head's rows: chunks of a permuted tensor hold whole heads."""
+        if not self.permute_heads:
+            return 1
+        return self.numel // self.permute_heads
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

@@ -8,12 +8,11 @@ as it is produced, never held whole in memory.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .model import INDEX_NAME
-from .writeback import WriteBack
+from .sequential_files import PlannedFile, SequentialFileWriter
 
 
 @dataclass(frozen=True)
@@ -63,74 +62,21 @@ def _header_bytes(shard: _Shard, metadata: dict[str, str]) -> bytes:
     return len(encoded).to_bytes(8, "little") + encoded
 
 
-class ShardedSafetensorsWriter:
-    """Accepts the bytes of all tensors, in plan order, and spreads them over shards."""
+class ShardedSafetensorsWriter(SequentialFileWriter):
+    """Safetensors shards (and their index when there are several), filled in plan order."""
 
     def __init__(self, folder: Path, tensors: list[OutputTensor], shard_size: int,
                  metadata: dict[str, str]) -> None:
-        self.folder = folder
         self.shards = plan_shards(tensors, shard_size)
-        self._metadata = metadata
-        self._shard_index = -1
-        self._fd = -1
-        self._remaining = 0
-        self._position = 0
-        self._writeback: WriteBack | None = None
-        self._next_shard()
-
-    def _next_shard(self) -> None:
-        self._close_current()
-        self._shard_index += 1
-        shard = self.shards[self._shard_index]
-        self._fd = os.open(self.folder / shard.file_name,
-                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._position = 0
-        self._writeback = WriteBack(self._fd)
-        header = _header_bytes(shard, self._metadata)
-        self._write_all(memoryview(header))
-        self._remaining = shard.data_bytes
-
-    def write(self, data: memoryview) -> None:
-        """Append the next bytes of tensor data (any split across tensors and shards)."""
-        data = data.cast("B")
-        while len(data):
-            while self._remaining == 0:
-                self._next_shard()
-            take = min(len(data), self._remaining)
-            self._write_all(data[:take])
-            self._remaining -= take
-            data = data[take:]
-
-    def _write_all(self, data: memoryview) -> None:
-        while len(data):
-            count = os.write(self._fd, data)
-            data = data[count:]
-            self._position += count
-        self._writeback.wrote(self._position)
-
-    def _close_current(self) -> None:
-        if self._fd >= 0:
-            if self._remaining:
-                raise RuntimeError(f"shard {self.shards[self._shard_index].file_name}"
-                                   f" is {self._remaining} bytes short")
-            os.fsync(self._fd)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(self._fd)
-            self._fd = -1
+        super().__init__(folder, [
+            PlannedFile(s.file_name, _header_bytes(s, metadata), [t.nbytes for t in s.tensors])
+            for s in self.shards])
 
     def finish(self) -> None:
         """Close the last shard (it must be complete) and write the index if sharded."""
-        while self._shard_index < len(self.shards) - 1:
-            self._next_shard()
-        self._close_current()
+        super().finish()
         if len(self.shards) > 1:
             weight_map = {t.name: s.file_name for s in self.shards for t in s.tensors}
             total = sum(s.data_bytes for s in self.shards)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-    def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
