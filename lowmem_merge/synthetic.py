@@ -54,6 +54,7 @@ class LlamaShape:
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             **asdict(self), "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+            "bos_token_id": self.vocab_size - 2, "eos_token_id": self.vocab_size - 1,
             "hidden_act": "silu", "tie_word_embeddings": False, "rope_theta": 10000.0,
             "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
         }
@@ -99,7 +100,66 @@ def write_model(folder: Path, shape: LlamaShape, *, seed: int = 0, expert: int |
         writer.abort()
         raise
     (folder / "config.json").write_text(json.dumps(shape.config(dtype), indent=2) + "\n")
+    write_tokenizer(folder, shape.vocab_size)
     return folder
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in of each byte that byte-level BPE vocabularies use (GPT-2's)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly vocab_size tokens (the last two <s> and </s>).
+
+    Merges join earlier tokens in a fixed order, so every merge's result is in
+    the vocabulary; it tokenizes any text, which is all a synthetic model needs.
+    """
+    if vocab_size < 260:
+        raise ValueError("a byte-level tokenizer needs at least 260 tokens")
+    tokens = _byte_symbols()
+    merges, seen = [], set(tokens)
+    left = 0
+    while len(tokens) < vocab_size - 2:
+        for right in range(min(len(tokens), 256)):
+            if len(tokens) >= vocab_size - 2:
+                break
+            merged = tokens[left] + tokens[right]
+            if merged not in seen:
+                merges.append(f"{tokens[left]} {tokens[right]}")
+                tokens.append(merged)
+                seen.add(merged)
+        left += 1
+    specials = [{"id": vocab_size - 2 + i, "content": text, "single_word": False,
+                 "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+                for i, text in enumerate(["<s>", "</s>"])]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    vocab.update({t["content"]: t["id"] for t in specials})
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                          "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": merges},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+              "add_eos_token": False, "model_max_length": 256,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_experts(root: Path, shape: LlamaShape, n_experts: int, *, seed: int = 0,
