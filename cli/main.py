@@ -43,8 +43,10 @@ def _run_options(command):
         click.option("--max-memory", help="Memory budget, e.g. 2GiB (default: half of"
                      " available)."),
         click.option("--threads", type=int, help="Compute threads (default: all cores)."),
-        click.option("--shard-size", default="5GB", show_default=True,
-                     help="Largest output shard."),
+        click.option("--format", "output_format", type=click.Choice(["safetensors", "gguf"]),
+                     help="Output format (default: gguf when the output ends in .gguf)."),
+        click.option("--shard-size", help="Largest output shard (default: 5GB for"
+                     " safetensors; GGUF is one file unless given)."),
         click.option("--seed", type=int, help="Seed of random drop masks (dare_*, della*)."),
         click.option("--force", is_flag=True, help="Replace an existing output folder."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report."),
@@ -76,17 +78,18 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("-o", "--out", "output", required=True, type=click.Path(path_type=Path),
-              help="Output model folder.")
+              help="Output model folder, or a .gguf file.")
 @click.option("-m", "--method", default="karcher", show_default=True,
               type=click.Choice(sorted(METHODS)), help="Merge method.")
 @click.option("--base", help="Base model (task-vector methods; config and tokenizer source).")
 @click.option("--weights", help="Comma-separated weight per model, e.g. 0.5,0.3,0.2.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method parameter; repeat. A comma list is a gradient over layers.")
-@click.option("--dtype", help="Output dtype: bfloat16, float16 or float32 (default: as input).")
+@click.option("--dtype", help="Output dtype: bfloat16, float16 or float32; for GGUF also q8_0,"
+              " q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (default: as input).")
 @_run_options
 def merge(models, output, method, base, weights, params, dtype, quiet, **options) -> None:
-    """Merge MODELS (folders, .safetensors files or hub ids org/name[@rev]) into OUT."""
+    """Merge MODELS (folders, .safetensors or .gguf files, hub ids org/name[@rev]) into OUT."""
     try:
         weight_values = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:

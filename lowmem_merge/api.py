@@ -13,10 +13,13 @@ from .engine import MergeReport, run_merge
 def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path = "merged",
           *, base: str | Path | None = None, weights: Sequence[float] | None = None,
           dtype: str | None = None, max_memory: str | int | None = None,
-          threads: int | None = None, shard_size: str | int = "5GB", force: bool = False,
-          progress: bool = False, chunk_elements: int | None = None,
-          **params: Any) -> MergeReport:
-    """Merge models (folders, .safetensors files or hub ids) into the folder ``out``.
+          threads: int | None = None, shard_size: str | int | None = None,
+          force: bool = False, progress: bool = False, chunk_elements: int | None = None,
+          output_format: str | None = None, **params: Any) -> MergeReport:
+    """Merge models (folders, .safetensors or .gguf files, hub ids) into ``out``.
+
+    ``out`` is a safetensors folder, or a GGUF file when it ends in .gguf or
+    ``output_format="gguf"``; ``dtype`` may then be a llama.cpp file type such as q4_k_m.
 
     Method parameters are keyword arguments, e.g. ``merge([a, b], "slerp", "out", t=0.3)``;
     a list is a gradient over layers as in mergekit. ``chunk_elements`` fixes the chunk
@@ -25,7 +28,7 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
     job = build_job(models, out, method=method, base=base, weights=weights, params=params,
                     dtype=dtype, max_memory=max_memory, threads=threads,
                     shard_size=shard_size, force=force, progress=progress,
-                    chunk_elements=chunk_elements)
+                    chunk_elements=chunk_elements, output_format=output_format)
     return run_merge(job)
 
 

@@ -18,6 +18,7 @@ from . import kernels
 from .io import OutputTensor, ShardedSafetensorsWriter
 
 BLOCK = 1 << 22
+MIN_TOKENIZER_VOCAB = 258  # 256 bytes, <s> and </s>; smaller models get no tokenizer
 _ENCODING = {"BF16": kernels.BF16, "F16": kernels.F16, "F32": kernels.F32}
 _STORAGE = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32}
 
@@ -100,7 +101,8 @@ def write_model(folder: Path, shape: LlamaShape, *, seed: int = 0, expert: int |
         writer.abort()
         raise
     (folder / "config.json").write_text(json.dumps(shape.config(dtype), indent=2) + "\n")
-    write_tokenizer(folder, shape.vocab_size)
+    if shape.vocab_size >= MIN_TOKENIZER_VOCAB:
+        write_tokenizer(folder, shape.vocab_size)
     return folder
 
 
@@ -123,8 +125,8 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     Merges join earlier tokens in a fixed order, so every merge's result is in
     the vocabulary; it tokenizes any text, which is all a synthetic model needs.
     """
-    if vocab_size < 260:
-        raise ValueError("a byte-level tokenizer needs at least 260 tokens")
+    if vocab_size < MIN_TOKENIZER_VOCAB:
+        raise ValueError(f"a byte-level tokenizer needs at least {MIN_TOKENIZER_VOCAB} tokens")
     tokens = _byte_symbols()
     merges, seen = [], set(tokens)
     left = 0

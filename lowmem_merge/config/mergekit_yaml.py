@@ -64,7 +64,7 @@ def job_from_yaml(path: str | Path, output: str | Path, **options: Any) -> Merge
     method = _method(where, config)
     base = where.text(config, "base_model") if "base_model" in config else None
     params = _parameters(where, config, "parameters", method, model_level=False)
-    options = {**options, "dtype": _out_dtype(where, config)}
+    options = {**options, "dtype": _out_dtype(where, config, Path(output))}
     if ("models" in config) == ("slices" in config):
         raise MergeError(f"{path}: give exactly one of 'models' or 'slices'")
     build = _models_job if "models" in config else _slices_job
@@ -99,9 +99,10 @@ def _method(where: _Where, config: LinedDict) -> MergeMethod:
         raise where.error(config, "merge_method", str(exc)) from None
 
 
-def _out_dtype(where: _Where, config: LinedDict) -> str | None:
+def _out_dtype(where: _Where, config: LinedDict, output: Path) -> str | None:
     for key in ("dtype", "out_dtype"):
-        if key in config and config[key] not in COMPUTE_DTYPES:
+        gguf_type = key == "out_dtype" and output.suffix.lower() == ".gguf"
+        if key in config and config[key] not in COMPUTE_DTYPES and not gguf_type:
             raise where.error(config, key, f"unknown dtype {config[key]!r}")
     # Sums are float64 whatever 'dtype' says; it sets the output dtype unless out_dtype does.
     chosen = config.get("out_dtype") or config.get("dtype")

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..engine import CHUNK_ALIGN, MergeJob
 from ..errors import MergeError
+from ..io.gguf_mixes import parse_file_type
 from ..methods import REQUIRED, MergeMethod, get_method
 from ..units import parse_size
 from .settings import check_setting, resolve
@@ -19,13 +20,28 @@ DTYPE_NAMES = {
 }
 
 
-def output_dtype(name: str | None) -> str | None:
+FORMATS = ("safetensors", "gguf")
+
+
+def choose_format(name: str | None, output: Path) -> str:
+    """The requested format, or gguf for an output path ending in .gguf."""
+    if name is None:
+        return "gguf" if output.suffix.lower() == ".gguf" else "safetensors"
+    if name.lower() not in FORMATS:
+        raise MergeError(f"unknown output format {name!r}; use {' or '.join(FORMATS)}")
+    return name.lower()
+
+
+def output_dtype(name: str | None, format_name: str = "safetensors") -> str | None:
+    """BF16/F16/F32 from any usual spelling; for GGUF also a llama.cpp file type (Q4_K_M...)."""
     if name is None:
         return None
-    try:
+    if name.lower() in DTYPE_NAMES:
         return DTYPE_NAMES[name.lower()]
-    except KeyError:
-        raise MergeError(f"unknown dtype {name!r}; use bfloat16, float16 or float32") from None
+    if format_name == "gguf":
+        return parse_file_type(name)
+    raise MergeError(f"unknown dtype {name!r}; use bfloat16, float16 or float32"
+                     " (quantized types such as q4_k_m need GGUF output)")
 
 
 def build_job(models: Sequence[str | Path], output: str | Path, *, method: str = "karcher",
@@ -33,7 +49,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
               params: dict[str, Any] | None = None,
               model_params: Sequence[dict[str, Any]] | None = None,
               dtype: str | None = None, max_memory: str | int | None = None,
-              threads: int | None = None, shard_size: str | int = "5GB",
+              threads: int | None = None, shard_size: str | int | None = None,
+              output_format: str | None = None,
               force: bool = False, progress: bool = False,
               chunk_elements: int | None = None, seed: int | None = None) -> MergeJob:
     merge_method = get_method(method)
@@ -64,12 +81,16 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
                          f" got {chunk_elements}")
     if threads is not None and threads < 1:
         raise MergeError(f"--threads must be at least 1, got {threads}")
+    format_name = choose_format(output_format, Path(output))
     return MergeJob(
         method=merge_method, experts=experts, base=base_ref,
         resolve_params=_resolver(merge_method, global_params, per_model, experts),
-        output=Path(output), out_dtype=output_dtype(dtype),
+        output=Path(output), out_dtype=output_dtype(dtype, format_name),
+        output_format=format_name,
         max_memory=parse_size(max_memory, "--max-memory") if max_memory is not None else None,
-        threads=threads, shard_size=parse_size(shard_size, "--shard-size"), force=force,
+        threads=threads,
+        shard_size=parse_size(shard_size, "--shard-size") if shard_size is not None else None,
+        force=force,
         progress=progress, chunk_elements=chunk_elements)
 
 

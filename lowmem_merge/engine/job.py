@@ -39,10 +39,13 @@ class MergeJob:
     base: str | None
     resolve_params: ParamResolver
     output: Path
-    out_dtype: str | None = None  # safetensors dtype name (BF16, F16, F32) or None: as input
+    # Safetensors dtype (BF16, F16, F32), or for GGUF output a file type (Q4_K_M, ...);
+    # None: as the input.
+    out_dtype: str | None = None
+    output_format: str = "safetensors"  # or "gguf"
     max_memory: int | None = None
     threads: int | None = None
-    shard_size: int = 5 * 1000**3
+    shard_size: int | None = None  # None: 5 GB shards of safetensors, one GGUF file
     force: bool = False
     progress: bool = False
     # Fixed chunk size in elements (a multiple of CHUNK_ALIGN), for tests and tuning;

@@ -7,6 +7,7 @@ most the input pool, the writer lags by at most the output pool.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -14,10 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import kernels
-from ..io import RangeReader, ShardedSafetensorsWriter
+from ..io import RangeReader
+from ..io.sequential_files import SequentialFileWriter
 from ..methods import Chunk, OutChunk
-from .tensors import ENCODINGS, STORAGE, TensorTask
+from .tensors import TensorTask
+from .values import (
+    ENCODINGS,
+    STORAGE,
+    encode_output,
+    is_direct,
+    raw_bytes_per_element,
+    read_values,
+)
 
 ALL_PASSES = -1
 POOL_SIZE = 2
@@ -29,9 +38,16 @@ class _Stopped(Exception):
 
 @dataclass
 class InputBuffers:
-    stack: np.ndarray  # uint8, experts x chunk at the widest input width
+    stack: np.ndarray  # uint8, experts x chunk at the widest value width
     base: np.ndarray  # uint8, one chunk of the base
-    scratch: np.ndarray  # uint8, one expert chunk awaiting conversion to float32
+    scratch: np.ndarray  # uint8, one input chunk's raw bytes awaiting decoding
+    spare: np.ndarray  # uint8, the same bytes put in row order (permuted q/k weights)
+
+
+@dataclass
+class OutputBuffers:
+    values: np.ndarray  # uint8, one chunk of merged values
+    encoded: np.ndarray  # uint8, the same chunk block-quantized (GGUF output)
 
 
 @dataclass
@@ -47,31 +63,60 @@ class Loaded:
     bytes_read: int = 0
 
 
-def input_bytes_per_element(tasks: list[TensorTask], n_experts: int) -> tuple[int, int, int]:
-    """Widest element of the stack, the base and the conversion scratch over all tasks."""
-    stack = base = scratch = 1
+@dataclass
+class BufferWidths:
+    """Bytes per chunk element of each buffer, the widest over all tasks."""
+
+    stack: float = 4
+    base: float = 1
+    scratch: float = 0
+    spare: float = 0
+    values: float = 4
+    encoded: float = 0
+
+    def per_element(self) -> float:
+        return POOL_SIZE * (self.stack + self.base + self.scratch + self.spare + self.values
+                            + self.encoded)
+
+
+def _itemsize(encoding: int) -> int:
+    return np.dtype(STORAGE[encoding]).itemsize
+
+
+def buffer_widths(tasks: list[TensorTask], n_experts: int) -> BufferWidths:
+    widths = BufferWidths()
     for task in tasks:
         if task.merge is None:
             continue
-        widths = {t.nbytes // max(t.numel, 1) for t in task.experts}
-        stack = max(stack, max(widths) if len(widths) == 1 else 4)
-        if len({t.dtype for t in task.experts}) > 1:
-            scratch = 4
+        encoding = task.stack_encoding
+        widths.stack = max(widths.stack, n_experts * _itemsize(encoding))
+        inputs = task.experts + ([task.base] if task.base is not None else [])
         if task.base is not None:
-            base = max(base, 4 if task.base.dtype == "F32" else 2)
-    return stack * n_experts, base, scratch
+            widths.base = max(widths.base, _itemsize(task.base_encoding))
+        for info in inputs:
+            own = task.base_encoding if info is task.base else encoding
+            if not is_direct(info, own):
+                widths.scratch = max(widths.scratch, raw_bytes_per_element(info))
+            if info.permute_heads:
+                widths.spare = max(widths.spare, raw_bytes_per_element(info))
+        widths.values = max(widths.values, _itemsize(task.out_encoding))
+        if task.output.dtype not in ENCODINGS:
+            widths.encoded = max(widths.encoded, task.output.nbytes / max(task.numel, 1))
+    return widths
 
 
 def bytes_per_element(tasks: list[TensorTask], n_experts: int) -> int:
     """Buffer bytes one chunk element costs across both pools."""
-    stack_width, base_width, scratch_width = input_bytes_per_element(tasks, n_experts)
-    out_width = max((t.output.nbytes // max(t.numel, 1) for t in tasks), default=4)
-    return POOL_SIZE * (max(stack_width, 4) + base_width + scratch_width + out_width)
+    return math.ceil(buffer_widths(tasks, n_experts).per_element())
+
+
+def _buffer(chunk: int, width: float) -> np.ndarray:
+    return np.empty(math.ceil(chunk * width), np.uint8)
 
 
 class Pipeline:
     def __init__(self, tasks: list[TensorTask], chunk: int, n_experts: int,
-                 writer: ShardedSafetensorsWriter, on_progress: Callable[[Loaded], None]) -> None:
+                 writer: SequentialFileWriter, on_progress: Callable[[Loaded], None]) -> None:
         self.tasks = tasks
         self.chunk = chunk
         self.reader = RangeReader()
@@ -79,18 +124,17 @@ class Pipeline:
         self.on_progress = on_progress
         self.stop = threading.Event()
         self.failures: list[BaseException] = []
-        stack_width, base_width, scratch_width = input_bytes_per_element(tasks, n_experts)
-        out_width = max((t.output.nbytes // max(t.numel, 1) for t in tasks), default=4)
-        # Copies of non-float tensors pass through the stack buffer as raw bytes.
-        stack_bytes = max(chunk * stack_width, chunk * 4)
+        # Copies of non-float tensors pass through the stack buffer as raw bytes (4 per element).
+        widths = buffer_widths(tasks, n_experts)
         self.free_inputs: queue.Queue[InputBuffers] = queue.Queue()
         for _ in range(POOL_SIZE):
-            self.free_inputs.put(InputBuffers(np.empty(stack_bytes, np.uint8),
-                                              np.empty(chunk * base_width, np.uint8),
-                                              np.empty(chunk * scratch_width, np.uint8)))
-        self.free_outputs: queue.Queue[np.ndarray] = queue.Queue()
+            self.free_inputs.put(InputBuffers(
+                _buffer(chunk, widths.stack), _buffer(chunk, widths.base),
+                _buffer(chunk, widths.scratch), _buffer(chunk, widths.spare)))
+        self.free_outputs: queue.Queue[OutputBuffers] = queue.Queue()
         for _ in range(POOL_SIZE):
-            self.free_outputs.put(np.empty(chunk * out_width, np.uint8))
+            self.free_outputs.put(OutputBuffers(_buffer(chunk, widths.values),
+                                                _buffer(chunk, widths.encoded)))
         self.loaded: queue.Queue[Loaded | None] = queue.Queue()
         self.to_write: queue.Queue[tuple[memoryview, Callable[[], None]] | None] = queue.Queue()
 
@@ -176,34 +220,20 @@ class Pipeline:
 
     def _load_chunk(self, loaded: Loaded) -> None:
         task, count, buffers = loaded.task, loaded.count, loaded.buffers
-        encodings = [ENCODINGS[t.dtype] for t in task.experts]
-        encoding = encodings[0] if len(set(encodings)) == 1 else kernels.F32
-        width = np.dtype(STORAGE[encoding]).itemsize
+        encoding = task.stack_encoding
+        storage = STORAGE[encoding]
         n = len(task.experts)
-        stack = buffers.stack[: n * count * width].view(STORAGE[encoding]).reshape(n, count)
-        for row, info, input_encoding in zip(stack, task.experts, encodings):
-            loaded.bytes_read += self._read_values(info, input_encoding, loaded.start, row,
-                                                   encoding, buffers.scratch)
-        base, base_encoding = None, kernels.F32
+        stack = buffers.stack[: n * count * _itemsize(encoding)].view(storage).reshape(n, count)
+        for row, info in zip(stack, task.experts):
+            loaded.bytes_read += read_values(self.reader, info, loaded.start, row, encoding,
+                                             buffers.scratch, buffers.spare)
+        base = None
         if task.merge.uses_base and task.base is not None:
-            base_encoding = ENCODINGS[task.base.dtype]
-            storage = STORAGE[base_encoding]
-            base = buffers.base[: count * np.dtype(storage).itemsize].view(storage)
-            loaded.bytes_read += self._read_values(task.base, base_encoding, loaded.start, base,
-                                                   base_encoding, buffers.scratch)
-        loaded.chunk = Chunk(stack, encoding, base, base_encoding, loaded.start)
-
-    def _read_values(self, info, encoding: int, start: int, target: np.ndarray,
-                     target_encoding: int, scratch: np.ndarray) -> int:
-        width = info.nbytes // max(info.numel, 1)
-        if encoding == target_encoding:
-            self.reader.read_into(info.path, info.offset + start * width, memoryview(target))
-        else:
-            storage = STORAGE[encoding]
-            raw = scratch[: target.shape[0] * width].view(storage)
-            self.reader.read_into(info.path, info.offset + start * width, memoryview(raw))
-            kernels.transcode(raw, encoding, target, target_encoding)
-        return target.shape[0] * width
+            storage = STORAGE[task.base_encoding]
+            base = buffers.base[: count * _itemsize(task.base_encoding)].view(storage)
+            loaded.bytes_read += read_values(self.reader, task.base, loaded.start, base,
+                                             task.base_encoding, buffers.scratch, buffers.spare)
+        loaded.chunk = Chunk(stack, encoding, base, task.base_encoding, loaded.start)
 
     # -- computing -----------------------------------------------------------
 
@@ -229,13 +259,15 @@ class Pipeline:
 
     def _apply(self, loaded: Loaded) -> None:
         task = loaded.task
-        storage = STORAGE[task.out_encoding]
-        buffer = self._get(self.free_outputs)
-        width = np.dtype(storage).itemsize
-        out = buffer[: loaded.count * width].view(storage)
+        buffers = self._get(self.free_outputs)
+        out = buffers.values[: loaded.count * _itemsize(task.out_encoding)] \
+            .view(STORAGE[task.out_encoding])
         task.merge.apply(loaded.chunk, OutChunk(out, task.out_encoding))
         self.free_inputs.put(loaded.buffers)
-        self.to_write.put((memoryview(out), lambda: self.free_outputs.put(buffer)))
+        if task.output.dtype not in ENCODINGS:
+            length = task.output_bytes(loaded.count)
+            out = encode_output(task.output.dtype, out, buffers.encoded[:length])
+        self.to_write.put((memoryview(out), lambda: self.free_outputs.put(buffers)))
 
     def _emit(self, raw: memoryview, buffers: InputBuffers) -> None:
         self.to_write.put((raw, lambda: self.free_inputs.put(buffers)))

@@ -2,52 +2,45 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numba
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .. import __version__, kernels
 from ..errors import MergeError
-from ..io import OutputFolder, ShardedSafetensorsWriter, check_output_path, open_model
+from ..io import check_output_path, open_model
+from ..kernels.gguf_quants import dequantize_into, quantize_into
 from ..methods import Chunk, MergeMethod, OutChunk
 from .budget import chunk_elements, current_rss, default_max_memory, peak_rss
 from .job import MergeJob, MergeReport
+from .naming import present
+from .output_formats import output_format
 from .pipeline import Loaded, Pipeline, bytes_per_element
 from .progress import Progress
-from .tensors import (
-    ENCODINGS,
-    STORAGE,
-    TensorTask,
-    assign_chunks,
-    plan_slices,
-    plan_tensors,
-)
-
-TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+from .tensors import OutputType, TensorTask, assign_chunks, plan_slices, plan_tensors
+from .values import ENCODINGS, STORAGE
 
 
 def run_merge(job: MergeJob) -> MergeReport:
     started = time.perf_counter()
     if job.threads:
         numba.set_num_threads(min(job.threads, numba.config.NUMBA_NUM_THREADS))
-    models = {ref: open_model(ref) for ref in _references(job)}
-    inputs = list(models.values())
-    check_output_path(job.output, [t.path for m in inputs for t in m.tensors.values()],
-                      [m.folder for m in inputs if m.is_folder], job.force)
-    tasks, layers = _plan(job, models)
+    opened = {ref: open_model(ref) for ref in _references(job)}
+    check_output_path(job.output, [t.path for m in opened.values() for t in m.tensors.values()],
+                      [m.folder for m in opened.values() if m.is_folder], job.force)
+    output = output_format(job, opened)
+    models = {ref: present(model, output.naming) for ref, model in opened.items()}
+    output.set_layers(_planned_layer_names(job, models))
+    tasks, layers = _plan(job, models, output.output_type)
     n_experts = max((len(t.experts) for t in tasks), default=1)
     _warm_kernels(job.method, tasks)
+    _warm_codecs(tasks)
     max_memory = job.max_memory or default_max_memory()
     chunk = _size_chunks(job, tasks, n_experts, max_memory)
-    folder = OutputFolder(job.output)
     try:
-        writer = ShardedSafetensorsWriter(folder.staging, [t.output for t in tasks],
-                                          job.shard_size, _provenance(job))
+        writer = output.open_writer(tasks)
         progress = Progress(tasks, enabled=job.progress)
         bytes_read = 0
 
@@ -64,11 +57,9 @@ def run_merge(job: MergeJob) -> MergeReport:
             raise
         finally:
             progress.close()
-        _copy_companions(models[job.companions_from or job.base or job.experts[0]],
-                         folder.staging, tasks, layers)
-        folder.commit()
+        output.commit(tasks, layers)
     except BaseException:
-        folder.abort()
+        output.abort()
         raise
     return MergeReport(
         method=job.method.name, output=job.output, experts=n_experts,
@@ -79,14 +70,23 @@ def run_merge(job: MergeJob) -> MergeReport:
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
 
 
-def _plan(job: MergeJob, models: dict) -> tuple[list[TensorTask], int | None]:
+def _plan(job: MergeJob, models: dict, output_type: OutputType
+          ) -> tuple[list[TensorTask], int | None]:
     """The output tensors, and the number of output layers of a frankenmerge."""
     if job.slices:
-        return plan_slices(models, job.slices, job.method, job.resolve_params, job.out_dtype)
+        return plan_slices(models, job.slices, job.method, job.resolve_params, output_type)
     tasks = plan_tensors([models[r] for r in job.experts],
                          models[job.base] if job.base else None, job.method,
-                         job.resolve_params, job.out_dtype)
+                         job.resolve_params, output_type)
     return tasks, None
+
+
+def _planned_layer_names(job: MergeJob, models: dict) -> list[str]:
+    """Names whose layer indices span the output's layers (before planning)."""
+    if job.slices:
+        count = sum(piece.sources[0].end - piece.sources[0].start for piece in job.slices)
+        return [f"blk.{count - 1}."] if count else []
+    return list(models[job.experts[0]].tensors)
 
 
 def _size_chunks(job: MergeJob, tasks: list[TensorTask], n_experts: int,
@@ -124,9 +124,7 @@ def _warm_kernels(method: MergeMethod, tasks: list[TensorTask]) -> None:
     for task in tasks:
         if task.merge is None:
             continue
-        encodings = {ENCODINGS[t.dtype] for t in task.experts}
-        encoding = encodings.pop() if len(encodings) == 1 else kernels.F32
-        base_encoding = ENCODINGS[task.base.dtype] if task.base is not None else kernels.F32
+        encoding, base_encoding = task.stack_encoding, task.base_encoding
         key = (type(task.merge), task.merge.stat_passes, task.merge.uses_base, encoding,
                base_encoding, task.out_encoding, len(task.experts))
         if key in seen:
@@ -144,10 +142,19 @@ def _warm_kernels(method: MergeMethod, tasks: list[TensorTask]) -> None:
                                     task.out_encoding))
 
 
-def _provenance(job: MergeJob) -> dict[str, str]:
-    return {"format": "pt", "merged_by": f"lowmem-merge {__version__}",
-            "merge_method": job.method.name,
-            "merge_inputs": json.dumps({"experts": job.experts, "base": job.base})}
+def _warm_codecs(tasks: list[TensorTask]) -> None:
+    """Compile the GGUF block decoders and encoders this merge uses, on one zero block."""
+    block_types = {(t.dtype, t.block_elements, t.bytes_per_block)
+                   for task in tasks if task.merge is not None
+                   for t in task.experts + ([task.base] if task.base else [])
+                   if t.dtype not in ENCODINGS}
+    for dtype, elements, size in block_types:
+        dequantize_into(np.zeros(size, np.uint8), GGMLQuantizationType[dtype],
+                        np.empty(elements, np.float32))
+    for dtype in {t.output.dtype for t in tasks if t.merge is not None} - set(ENCODINGS):
+        elements, size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
+        quantize_into(np.zeros(elements, np.float32), GGMLQuantizationType[dtype],
+                      np.empty(size, np.uint8))
 
 
 def _references(job: MergeJob) -> list[str]:
@@ -158,22 +165,3 @@ def _references(job: MergeJob) -> list[str]:
     if job.companions_from:
         refs.append(job.companions_from)
     return list(dict.fromkeys(refs))
-
-
-def _copy_companions(source, folder: Path, tasks: list[TensorTask], layers: int | None) -> None:
-    """Config and tokenizer files of one input; the config's dtype and depth updated."""
-    for path in source.companion_files():
-        shutil.copyfile(path, folder / path.name)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        return
-    config = json.loads(config_path.read_text())
-    dtypes = {t.output.dtype for t in tasks if t.merge is not None}
-    if len(dtypes) == 1:
-        name = TORCH_DTYPE_NAMES[dtypes.pop()]
-        for key in ("torch_dtype", "dtype"):
-            if key in config:
-                config[key] = name
-    if layers is not None and "num_hidden_layers" in config:
-        config["num_hidden_layers"] = layers
-    config_path.write_text(json.dumps(config, indent=2) + "\n")

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .. import kernels
 from ..errors import MergeError
-from ..io import DTYPE_SIZES, Model, OutputTensor, TensorInfo
+from ..io import Model, OutputTensor, TensorInfo
+from ..kernels.gguf_quants import can_dequantize
 from ..methods import MergeMethod, TensorContext, TensorMerge
 from ..units import format_bytes
+from .budget import CHUNK_ALIGN
 from .job import ParamResolver
+from .values import ENCODINGS, value_encoding
 
-ENCODINGS = {"BF16": kernels.BF16, "F16": kernels.F16, "F32": kernels.F32}
-# Stored bits of each encoding are held in unsigned integers of the same width.
-STORAGE = {kernels.BF16: "uint16", kernels.F16: "uint16", kernels.F32: "uint32"}
-LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|blk)\.(\d+)\.")
+# (tensor name, shape, dtype of its first input) -> dtype of the output tensor
+OutputType = Callable[[str, tuple[int, ...], str], str]
 
 
 @dataclass
@@ -36,7 +42,31 @@ class TensorTask:
 
     @property
     def out_encoding(self) -> int:
-        return ENCODINGS[self.output.dtype]
+        """Encoding the method writes; block formats are quantized from float32 after it."""
+        return value_encoding(self.output.dtype)
+
+    @property
+    def stack_encoding(self) -> int:
+        """One encoding for all experts' values: their own if they share it, else float32."""
+        encodings = {value_encoding(t.dtype) for t in self.experts}
+        return encodings.pop() if len(encodings) == 1 else kernels.F32
+
+    @property
+    def base_encoding(self) -> int:
+        return value_encoding(self.base.dtype) if self.base is not None else kernels.F32
+
+    def output_bytes(self, count: int) -> int:
+        """Bytes of count output elements (whole blocks for block formats)."""
+        block_elements, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.output.dtype]]
+        return -(-count // block_elements) * block_bytes
+
+    @property
+    def alignment(self) -> int:
+        """Elements a chunk must hold whole: permuted heads, output blocks."""
+        units = [t.permuted_unit for t in self.experts + ([self.base] if self.base else [])]
+        units.append(GGML_QUANT_SIZES[GGMLQuantizationType[self.output.dtype]][0]
+                     if self.output.dtype in GGMLQuantizationType.__members__ else 1)
+        return math.lcm(*units)
 
 
 def check_same_tensors(models: list[Model]) -> None:
@@ -71,14 +101,14 @@ def layer_positions(names: list[str]) -> dict[str, float]:
 
 
 def plan_tensors(experts: list[Model], base: Model | None, method: MergeMethod,
-                 resolve: ParamResolver, out_dtype: str | None) -> list[TensorTask]:
+                 resolve: ParamResolver, output_type: OutputType) -> list[TensorTask]:
     """Every tensor of the first expert, merged from the same tensor of every input."""
     check_same_tensors(experts + ([base] if base else []))
     ordered = sorted(experts[0].tensors.values(), key=lambda t: (str(t.path), t.offset))
     positions = layer_positions([t.name for t in ordered])
     return [_task(info.name, [m.tensors[info.name] for m in experts],
                   base.tensors[info.name] if base else None, method,
-                  resolve(info.name, positions[info.name], None), out_dtype)
+                  resolve(info.name, positions[info.name], None), output_type)
             for info in ordered]
 
 
@@ -96,9 +126,10 @@ def assign_chunks(tasks: list[TensorTask], chunk: int, bytes_per_element: int,
                 f" memory besides the chunk buffers; the budget leaves {format_bytes(spare)}:"
                 " raise --max-memory")
         unit = task.merge.chunk_unit if task.merge is not None else None
-        if unit is None:
+        if unit is None and task.alignment == 1:
             task.chunk = chunk
             continue
+        unit = math.lcm(unit or CHUNK_ALIGN, task.alignment)
         unit = min(unit, max(task.numel, 1))
         task.chunk = chunk // unit * unit
         if task.chunk == 0:
@@ -122,7 +153,7 @@ def _layer_tensors(model: Model) -> tuple[dict[int, dict[str, TensorInfo]], list
             template = info.name[:match.start(1)] + "{}" + info.name[match.end(1):]
             layers.setdefault(int(match.group(1)), {})[template] = info
             seen_layer = True
-        elif "embed" in info.name or not seen_layer:
+        elif "embed" in info.name or "embd" in info.name or not seen_layer:
             before.append(info)
         else:
             after.append(info)
@@ -130,7 +161,7 @@ def _layer_tensors(model: Model) -> tuple[dict[int, dict[str, TensorInfo]], list
 
 
 def plan_slices(models: dict[str, Model], slices, method: MergeMethod, resolve: ParamResolver,
-                out_dtype: str | None) -> tuple[list[TensorTask], int]:
+                output_type: OutputType) -> tuple[list[TensorTask], int]:
     """Tasks of a frankenmerge and its number of output layers.
 
     Output layer k of a slice merges layer start + k of every source; tensors
@@ -155,19 +186,19 @@ def plan_slices(models: dict[str, Model], slices, method: MergeMethod, resolve: 
                     if piece.base else None
                 name = template.format(out_layer)
                 layer_tasks.append(_task(name, inputs, base, method,
-                                         resolve(name, position, index), out_dtype))
+                                         resolve(name, position, index), output_type))
             out_layer += 1
     first, last = slices[0], slices[-1]
     before = _edge_tasks(models, split[first.sources[0].model][1], first, 0, method, resolve,
-                         out_dtype)
+                         output_type)
     after = _edge_tasks(models, split[last.sources[0].model][2], last, len(slices) - 1, method,
-                        resolve, out_dtype)
+                        resolve, output_type)
     return before + layer_tasks + after, out_layer
 
 
 def _edge_tasks(models: dict[str, Model], infos: list[TensorInfo], piece, index: int,
                 method: MergeMethod, resolve: ParamResolver,
-                out_dtype: str | None) -> list[TensorTask]:
+                output_type: OutputType) -> list[TensorTask]:
     """Tensors outside the layers (embeddings, or final norm and head), merged over a slice's
     sources as if they were at the start of its gradient."""
     tasks = []
@@ -175,7 +206,7 @@ def _edge_tasks(models: dict[str, Model], infos: list[TensorInfo], piece, index:
         inputs = [_tensor(models, s.model, info.name) for s in piece.sources]
         base = _tensor(models, piece.base.model, info.name) if piece.base else None
         tasks.append(_task(info.name, inputs, base, method, resolve(info.name, 0.0, index),
-                           out_dtype))
+                           output_type))
     return tasks
 
 
@@ -195,16 +226,32 @@ def _source_layer(split, source, offset: int, index: int) -> dict[str, TensorInf
 
 
 def _task(name: str, inputs: list[TensorInfo], base: TensorInfo | None, method: MergeMethod,
-          params, out_dtype: str | None) -> TensorTask:
+          params, output_type: OutputType) -> TensorTask:
     shapes = {t.shape for t in inputs + ([base] if base else [])}
     if len(shapes) != 1:
         raise MergeError(f"tensor {name}: its sources have different shapes {sorted(shapes)}")
     first = inputs[0]
-    if not all(t.dtype in ENCODINGS for t in inputs + ([base] if base else [])):
+    for info in inputs + ([base] if base else []):
+        if info.block_elements > 1 and not is_float(info):
+            raise MergeError(f"tensor {name}: cannot decode {info.dtype} data of {info.path}")
+    if not all(is_float(t) for t in inputs + ([base] if base else [])):
         source = base or first
         output = OutputTensor(name, source.dtype, first.shape, source.nbytes)
         return TensorTask(output, inputs, base, None, copy_from=source)
-    dtype = out_dtype or first.dtype
+    dtype = output_type(name, first.shape, first.dtype)
     context = TensorContext(name, first.shape, params[0], params[1], base is not None)
-    output = OutputTensor(name, dtype, first.shape, first.numel * DTYPE_SIZES[dtype])
+    output = OutputTensor(name, dtype, first.shape, output_nbytes(dtype, first.shape))
     return TensorTask(output, inputs, base, method.for_tensor(context), context)
+
+
+def is_float(info: TensorInfo) -> bool:
+    """Values the methods can merge: bf16/f16/f32 or a block format that decodes to float."""
+    if info.dtype in ENCODINGS:
+        return True
+    qtype = GGMLQuantizationType.__members__.get(info.dtype)
+    return qtype is not None and info.block_elements > 1 and can_dequantize(qtype)
+
+
+def output_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    block_elements, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
+    return math.prod(shape) // block_elements * block_bytes

@@ -54,3 +54,27 @@ class OutputFolder:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class OutputFiles:
+    """Files made in a hidden sibling folder and moved beside it on commit, first file last,
+    so a complete first file (the one users open) means a complete set."""
+
+    def __init__(self, target: Path) -> None:
+        self.folder = OutputFolder(target)
+        self.staging = self.folder.staging
+
+    def commit(self, names: list[str]) -> None:
+        parent = self.folder.target.parent
+        for name in names:
+            fd = os.open(self.staging / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in reversed(names):
+            os.replace(self.staging / name, parent / name)
+        shutil.rmtree(self.staging)
+
+    def abort(self) -> None:
+        self.folder.abort()
