@@ -245,3 +245,28 @@ def test_unsupported_architecture_is_refused_for_mixed_formats(experts, tmp_path
     with pytest.raises(MergeError, match="GPT2LMHeadModel.*llama"):
         merge([other, tmp_path / "e1.gguf"], "linear", tmp_path / "out.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e1.gguf", "gpt2"]
+
+
+def test_yaml_filters_match_hugging_face_names_when_writing_gguf(experts, tmp_path):
+    """mergekit filters name HF modules (self_attn, mlp); they still apply to GGUF output."""
+    (first_path, second_path), (first, second) = experts
+    config = tmp_path / "filters.yml"
+    config.write_text(f"""
+merge_method: linear
+models:
+  - model: {first_path}
+    parameters:
+      weight: [{{filter: self_attn, value: 1.0}}, {{value: 0.0}}]
+  - model: {second_path}
+    parameters:
+      weight: [{{filter: self_attn, value: 0.0}}, {{value: 1.0}}]
+out_dtype: f32
+""")
+    from lowmem_merge import run_config
+
+    run_config(config, tmp_path / "out.gguf")
+    read, _, _ = read_gguf(tmp_path / "out.gguf")
+    for name, value in to_gguf_layout(first).items():
+        source = value if ".attn_" in name and "norm" not in name else \
+            to_gguf_layout(second)[name]
+        np.testing.assert_array_equal(read[name], source, err_msg=name)

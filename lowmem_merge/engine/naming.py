@@ -8,13 +8,18 @@ converter applies, so that the same tensor of every input lines up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 from ..errors import MergeError
 from ..io import Model
 from ..io.gguf_names import NameMap, gguf_architecture, is_dropped_by_converter, name_map
 
 HF, GGUF = "hf", "gguf"
+# GGUF tensors computed from the config by llama.cpp's converter (Llama 3 rope scaling),
+# with no Hugging Face counterpart.
+DERIVED_GGUF_TENSORS = ("rope_freqs.weight",)
 
 
 def model_naming(model: Model) -> str:
@@ -34,6 +39,8 @@ def present(model: Model, naming: str) -> Model:
             new_name = names.to_gguf(info.name)
             heads = names.qk_heads(new_name)
         else:
+            if info.name in DERIVED_GGUF_TENSORS:
+                continue
             new_name = names.to_hf(info.name)
             heads = names.qk_heads(info.name)
         tensors[new_name] = replace(info, name=new_name, permute_heads=heads,
@@ -69,3 +76,31 @@ def _meta(model: Model, key: str):
         raise MergeError(f"{model.label}: GGUF metadata has no {key!r}, needed to map its"
                          " tensor names")
     return entry.value
+
+
+def filter_names(models: list[Model], naming: str) -> Callable[[str], str]:
+    """The name a tensor's parameter filters match against.
+
+    mergekit filters (self_attn, mlp, ...) are written for Hugging Face names;
+    GGUF-named tensors are matched under their Hugging Face name when the
+    architecture's map is known, and under their own otherwise.
+    """
+    if naming == HF:
+        return _same
+    for model in models:
+        try:
+            return partial(_hf_name, model_name_map(model))
+        except MergeError:
+            continue
+    return _same
+
+
+def _same(name: str) -> str:
+    return name
+
+
+def _hf_name(names: NameMap, name: str) -> str:
+    try:
+        return names.to_hf(name)
+    except MergeError:
+        return name

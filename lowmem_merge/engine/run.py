@@ -14,8 +14,8 @@ from ..io import check_output_path, open_model
 from ..kernels.gguf_quants import dequantize_into, quantize_into
 from ..methods import Chunk, MergeMethod, OutChunk
 from .budget import chunk_elements, current_rss, default_max_memory, peak_rss
-from .job import MergeJob, MergeReport
-from .naming import present
+from .job import MergeJob, MergeReport, ParamResolver
+from .naming import filter_names, present
 from .output_formats import output_format
 from .pipeline import Loaded, Pipeline, bytes_per_element
 from .progress import Progress
@@ -33,7 +33,11 @@ def run_merge(job: MergeJob) -> MergeReport:
     output = output_format(job, opened)
     models = {ref: present(model, output.naming) for ref, model in opened.items()}
     output.set_layers(_planned_layer_names(job, models))
-    tasks, layers = _plan(job, models, output.output_type)
+    filter_name = filter_names(list(opened.values()), output.naming)
+
+    def resolve(name: str, position: float, slice_index: int | None):
+        return job.resolve_params(filter_name(name), position, slice_index)
+    tasks, layers = _plan(job, models, resolve, output.output_type)
     n_experts = max((len(t.experts) for t in tasks), default=1)
     _warm_kernels(job.method, tasks)
     _warm_codecs(tasks)
@@ -70,14 +74,14 @@ def run_merge(job: MergeJob) -> MergeReport:
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
 
 
-def _plan(job: MergeJob, models: dict, output_type: OutputType
+def _plan(job: MergeJob, models: dict, resolve: ParamResolver, output_type: OutputType
           ) -> tuple[list[TensorTask], int | None]:
     """The output tensors, and the number of output layers of a frankenmerge."""
     if job.slices:
-        return plan_slices(models, job.slices, job.method, job.resolve_params, output_type)
+        return plan_slices(models, job.slices, job.method, resolve, output_type)
     tasks = plan_tensors([models[r] for r in job.experts],
-                         models[job.base] if job.base else None, job.method,
-                         job.resolve_params, output_type)
+                         models[job.base] if job.base else None, job.method, resolve,
+                         output_type)
     return tasks, None
 
 
