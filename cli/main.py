@@ -1,4 +1,4 @@
-"""lowmem-merge commands: merge, demo, inspect, methods."""
+"""lowmem-merge commands: merge, run, convert, demo, inspect, methods."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from lowmem_merge.errors import MergeError
 from lowmem_merge.io import open_model
 from lowmem_merge.methods import METHODS
 from lowmem_merge.units import format_bytes
+
+GGUF_SUMMARY_KEYS = ("general.architecture", "general.name", "general.file_type")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -103,6 +105,21 @@ def merge(models, output, method, base, weights, params, dtype, quiet, **options
 
 
 @main.command()
+@click.argument("model")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--dtype", help="Output dtype or GGUF file type (q8_0, q4_k_m, ...; default: as"
+              " input).")
+@_run_options
+def convert(model, output, dtype, quiet, **options) -> None:
+    """Convert MODEL to OUTPUT: safetensors <-> GGUF, or to another dtype or quantization.
+
+    Streams like a merge (it is one: passthrough of a single model), under --max-memory.
+    """
+    _build_and_run(build_job, quiet, models=[model], output=output, method="passthrough",
+                   dtype=dtype, **options)
+
+
+@main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @_run_options
@@ -133,7 +150,7 @@ def demo(keep: Path | None, max_memory: str) -> None:
 @click.argument("model")
 @click.option("--limit", type=int, default=None, help="List at most this many tensors.")
 def inspect(model: str, limit: int | None) -> None:
-    """List MODEL's tensors: dtype, shape, parameters and bytes."""
+    """List MODEL's tensors: dtype (or GGUF type), shape, parameters and bytes."""
     try:
         opened = open_model(model)
     except MergeError as exc:
@@ -148,6 +165,10 @@ def inspect(model: str, limit: int | None) -> None:
     if limit is not None and len(tensors) > limit:
         click.echo(f"... {len(tensors) - limit} more")
     dtypes = Counter(t.dtype for t in tensors)
+    if opened.is_gguf:
+        click.echo("GGUF " + ", ".join(
+            f"{key.removeprefix('general.')} {opened.gguf_metadata[key].value}"
+            for key in GGUF_SUMMARY_KEYS if key in opened.gguf_metadata))
     click.echo(f"{len(tensors)} tensors, {sum(t.numel for t in tensors):,} parameters,"
                f" {format_bytes(sum(t.nbytes for t in tensors))}"
                f" ({', '.join(f'{d}: {n}' for d, n in sorted(dtypes.items()))})")

@@ -18,6 +18,9 @@ from . import kernels
 from .io import OutputTensor, ShardedSafetensorsWriter
 
 BLOCK = 1 << 22
+# Llama 3's pre-tokenizer split, so that GGUF writers recognise it as "llama-bpe".
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 MIN_TOKENIZER_VOCAB = 258  # 256 bytes, <s> and </s>; smaller models get no tokenizer
 _ENCODING = {"BF16": kernels.BF16, "F16": kernels.F16, "F32": kernels.F32}
 _STORAGE = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32}
@@ -148,8 +151,11 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
         "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                          "use_regex": True},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": False}]},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
                     "use_regex": True},

@@ -7,6 +7,8 @@ written in this file, independent of the package's name map.
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -171,6 +173,13 @@ def test_round_trip_safetensors_gguf_safetensors_is_exact(experts, tmp_path):
     assert sorted(back) == sorted(values)
     for name, value in values.items():
         np.testing.assert_array_equal(back[name], value, err_msg=name)
+    original = json.loads((path / "config.json").read_text())
+    rebuilt = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("architectures", "model_type", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "rms_norm_eps", "rope_theta", "vocab_size", "bos_token_id", "eos_token_id",
+                "tie_word_embeddings", "torch_dtype"):
+        assert rebuilt[key] == pytest.approx(original[key]), key
 
 
 @pytest.mark.parametrize("file_type", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])

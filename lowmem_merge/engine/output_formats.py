@@ -20,6 +20,7 @@ from ..io.gguf_mixes import FILE_TYPES, tensor_type
 from ..io.gguf_names import gguf_architecture
 from ..io.gguf_values import Metadata, MetaValue
 from ..io.gguf_writer import GGUFFileWriter
+from ..io.hf_config import config_from_gguf
 from ..io.sequential_files import SequentialFileWriter
 from .job import MergeJob
 from .naming import GGUF, HF
@@ -69,12 +70,25 @@ class SafetensorsOutput:
 
     def commit(self, tasks: list[TensorTask], layers: int | None) -> None:
         source = metadata_source(self.job, self.models)
+        if source.is_gguf:
+            _write_config_from_gguf(source, self.staged.staging, tasks)
         _copy_companions(source, self.staged.staging, tasks, layers)
         self.staged.commit()
 
     def abort(self) -> None:
         if self.staged is not None:
             self.staged.abort()
+
+
+def _write_config_from_gguf(source: Model, folder: Path, tasks: list[TensorTask]) -> None:
+    """A config.json from a GGUF input's metadata (its tokenizer is not converted)."""
+    names = {t.output.name for t in tasks}
+    config = config_from_gguf(source.gguf_metadata, source.label,
+                              tied_embeddings="lm_head.weight" not in names,
+                              torch_dtype="float32")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    log.warning("%s: GGUF input: wrote config.json from its metadata; the tokenizer is not"
+                " converted to Hugging Face files", source.label)
 
 
 def _copy_companions(source: Model, folder: Path, tasks: list[TensorTask],
