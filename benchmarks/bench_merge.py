@@ -7,6 +7,11 @@ Usage::
     python benchmarks/bench_merge.py --root /work/bench --method task_arithmetic --base
 
 ROOT holds ``base/`` and ``expert-1/`` .. ``expert-N/`` (from make_experts.py).
+``--gguf-inputs TYPE`` first converts them (once, kept under ROOT/gguf-TYPE/) to
+GGUF files of that type with ``lowmem-merge convert`` and merges those;
+``--gguf-output TYPE`` writes a GGUF of that type (q8_0, q4_k_m, ...) instead
+of a safetensors folder, and the floor then writes as many bytes as the merge
+wrote in its warm-up run.
 For each method, after one untimed warm-up merge (numba may compile and cache
 kernels on a first run; ``--warmup 0`` skips it), each repetition measures:
 
@@ -119,8 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="passed to lowmem-merge --threads")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="method parameter passed to lowmem-merge --param; repeat")
+    parser.add_argument("--gguf-inputs", metavar="TYPE",
+                        help="merge GGUF conversions (this file type) of the models")
+    parser.add_argument("--gguf-output", metavar="TYPE",
+                        help="write a GGUF of this file type instead of safetensors")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.gguf_output and args.warmup < 1:
+        parser.error("--gguf-output needs a warm-up run (it measures the output size)")
     args.methods = [m.strip() for arg in args.method or ["karcher"]
                     for m in arg.split(",") if m.strip()]
     if args.repeat < 1 or args.warmup < 0:
@@ -137,8 +148,40 @@ def find_models(root: Path) -> tuple[Path, list[Path]]:
     return root / "base", experts
 
 
-def safetensors_files(folders: list[Path]) -> list[Path]:
-    return [path for folder in folders for path in sorted(folder.glob("*.safetensors"))]
+def input_files(models: list[Path]) -> list[Path]:
+    """The weight files of each model: a GGUF file itself, or a folder's safetensors."""
+    return [path for model in models
+            for path in ([model] if model.is_file() else sorted(model.glob("*.safetensors")))]
+
+
+def gguf_conversions(args: argparse.Namespace, models: list[Path]) -> list[Path]:
+    """Each model converted once to ROOT/gguf-TYPE/NAME.gguf (kept for later runs)."""
+    folder = args.root / f"gguf-{args.gguf_inputs.lower()}"
+    folder.mkdir(exist_ok=True)
+    converted = []
+    for model in models:
+        target = folder / f"{model.name}.gguf"
+        if not target.is_file():
+            print(f"converting {model} to {target}", flush=True)
+            run_child([*merge_executable(), "convert", str(model), str(target), "--dtype",
+                       args.gguf_inputs, "--quiet"])
+        converted.append(target)
+    return converted
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    return args.root / (OUTPUT_NAME + (".gguf" if args.gguf_output else ""))
+
+
+def remove_output(path: Path) -> int:
+    """Delete a merge's output (file or folder); the bytes it held."""
+    if path.is_file():
+        size = path.stat().st_size
+        path.unlink()
+        return size
+    size = total_bytes(sorted(path.glob("*"))) if path.is_dir() else 0
+    shutil.rmtree(path, ignore_errors=True)
+    return size
 
 
 def total_bytes(paths: list[Path]) -> int:
@@ -235,8 +278,10 @@ def write_fsync(path: Path, nbytes: int, block: bytes) -> float:
 def merge_command(args: argparse.Namespace, method: str, experts: list[Path],
                   base: Path) -> list[str]:
     command = [*merge_executable(), "merge", *map(str, experts), "-o",
-               str(args.root / OUTPUT_NAME), "-m", method, "--max-memory", args.max_memory,
+               str(output_path(args)), "-m", method, "--max-memory", args.max_memory,
                "--quiet", "--force"]
+    if args.gguf_output:
+        command += ["--dtype", args.gguf_output]
     if args.base:
         command += ["--base", str(base)]
     if args.threads:
@@ -262,15 +307,17 @@ def run_child(command: list[str]) -> tuple[float, float, float]:
 
 
 def timed_merge(command: list[str], inputs: list[Path],
-                output: Path) -> tuple[float, float, float, float]:
-    """Evict the inputs, merge, delete the output: run_child's numbers and residency."""
+                output: Path) -> tuple[float, float, float, float, int]:
+    """Evict the inputs, merge, delete the output: run_child's numbers, residency, and the
+    output's size."""
     evict(inputs)
     resident = resident_fraction(inputs)
+    size = 0
     try:
         seconds, rss, cpu = run_child(command)
     finally:
-        shutil.rmtree(output, ignore_errors=True)
-    return seconds, rss, cpu, resident
+        size = remove_output(output)
+    return seconds, rss, cpu, resident, size
 
 
 def startup_seconds() -> float:
@@ -283,18 +330,23 @@ def startup_seconds() -> float:
 
 def bench_method(args: argparse.Namespace, method: str, base: Path,
                  experts: list[Path]) -> MethodResult:
-    inputs = safetensors_files(experts + ([base] if args.base else []))
-    output_bytes = total_bytes(safetensors_files(experts[:1]))
+    if args.gguf_inputs:
+        experts = gguf_conversions(args, experts)
+        base = gguf_conversions(args, [base])[0] if args.base else base
+    inputs = input_files(experts + ([base] if args.base else []))
+    output_bytes = total_bytes(input_files(experts[:1]))
     command = merge_command(args, method, experts, base)
-    output = args.root / OUTPUT_NAME
-    warmup = [timed_merge(command, inputs, output)[0] for _ in range(args.warmup)]
+    output = output_path(args)
+    warmup = [timed_merge(command, inputs, output) for _ in range(args.warmup)]
+    if args.gguf_output:
+        output_bytes = warmup[0][4]
     result = MethodResult(method, args.base, total_bytes(inputs), output_bytes,
-                          warmup[0] if warmup else None)
+                          warmup[0][0] if warmup else None)
     buffer, block = bytearray(BLOCK), np.random.default_rng(0).bytes(BLOCK)
     for repetition in range(1, args.repeat + 1):
         read_s = read_cold(inputs, buffer)
         write_s = write_fsync(args.root / FLOOR_FILE_NAME, output_bytes, block)
-        merge_s, rss, cpu, resident = timed_merge(command, inputs, output)
+        merge_s, rss, cpu, resident, _ = timed_merge(command, inputs, output)
         result.runs.append(Run(repetition, read_s, write_s, merge_s, rss, cpu, resident))
         print(f"{method} run {repetition}: merge {merge_s:.2f} s, floor {read_s + write_s:.2f} s"
               f" (read {read_s:.2f} + write {write_s:.2f}), peak RSS {rss:.0f} MiB", flush=True)

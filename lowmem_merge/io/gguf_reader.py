@@ -29,7 +29,7 @@ MAX_DIMS = 4
 ALIGNMENT_KEY = "general.alignment"
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
-_SCALARS = {
+SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
     GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
     GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
@@ -136,7 +136,7 @@ def _value(cursor: _Cursor, key: str) -> MetaValue:
         length = cursor.count(f"length of {key!r}", 8)
         return MetaValue.array(item_type, [cursor.string(f"item {i} of {key!r}")
                                            for i in range(length)])
-    fmt = _SCALARS[item_type]
+    fmt = SCALAR_FORMATS[item_type]
     width = struct.calcsize(fmt)
     length = cursor.count(f"length of {key!r}", width)
     start = cursor.take(length * width, f"items of {key!r}")
@@ -147,7 +147,7 @@ def _value(cursor: _Cursor, key: str) -> MetaValue:
 def _item(cursor: _Cursor, value_type: GGUFValueType, key: str):
     if value_type == GGUFValueType.STRING:
         return cursor.string(f"value of {key!r}")
-    return cursor.scalar(_SCALARS[value_type], f"value of {key!r}")
+    return cursor.scalar(SCALAR_FORMATS[value_type], f"value of {key!r}")
 
 
 def _value_type(cursor: _Cursor, raw: int, key: str) -> GGUFValueType:

@@ -12,18 +12,12 @@ from pathlib import Path
 
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
-from .gguf_reader import MAGIC
+from .gguf_reader import MAGIC, SCALAR_FORMATS
 from .gguf_values import Metadata, MetaValue
 from .safetensors_writer import OutputTensor, plan_shards
 from .sequential_files import PlannedFile, SequentialFileWriter
 
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
-_SCALARS = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
 
 
 def _string(text: str) -> bytes:
@@ -34,7 +28,7 @@ def _string(text: str) -> bytes:
 def _item(value_type: GGUFValueType, value) -> bytes:
     if value_type == GGUFValueType.STRING:
         return _string(value)
-    return struct.pack(_SCALARS[value_type], value)
+    return struct.pack(SCALAR_FORMATS[value_type], value)
 
 
 def _value(entry: MetaValue) -> bytes:
@@ -45,7 +39,7 @@ def _value(entry: MetaValue) -> bytes:
     if entry.item_type == GGUFValueType.STRING:
         parts += [_string(item) for item in entry.value]
     else:
-        fmt = _SCALARS[entry.item_type]
+        fmt = SCALAR_FORMATS[entry.item_type]
         parts.append(struct.pack(f"<{len(entry.value)}{fmt[1]}", *entry.value))
     return b"".join(parts)
 
