@@ -24,7 +24,7 @@ from ..io.hf_config import config_from_gguf
 from ..io.sequential_files import SequentialFileWriter
 from .job import MergeJob
 from .naming import GGUF, HF
-from .tensors import LAYER_INDEX, TensorTask
+from .tensors import TensorTask, layer_count
 from .values import ENCODINGS
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ class SafetensorsOutput:
         self.models = models
         self.staged: OutputFolder | None = None  # made when writing starts
 
-    def set_layers(self, names: list[str]) -> None:
-        """Safetensors types do not depend on depth."""
+    def set_shape(self, n_layers: int, tied_embeddings: bool) -> None:
+        """Safetensors types do not depend on the model's shape."""
 
     def output_type(self, name: str, shape: tuple[int, ...], input_dtype: str) -> str:
         if self.job.out_dtype:
@@ -131,14 +131,14 @@ class GGUFOutput:
                             tied_embeddings=self.tied_embeddings)
         return GGMLQuantizationType(qtype).name
 
-    def set_layers(self, names: list[str]) -> None:
+    def set_shape(self, n_layers: int, tied_embeddings: bool) -> None:
         """What the type mixes depend on (depth, a separate output matrix); before planning."""
-        self.n_layers = _layer_count(names)
-        self.tied_embeddings = "output.weight" not in names
+        self.n_layers = n_layers
+        self.tied_embeddings = tied_embeddings
 
     def open_writer(self, tasks: list[TensorTask]) -> SequentialFileWriter:
         outputs = [t.output for t in tasks]
-        metadata = self._metadata(_layer_count([t.output.name for t in tasks]))
+        metadata = self._metadata(layer_count([t.output.name for t in tasks]))
         stem = self.job.output.name.removesuffix(".gguf")
         self.staged = OutputFiles(self.job.output)
         writer = GGUFFileWriter(self.staged.staging, stem, outputs, metadata,
@@ -174,11 +174,6 @@ class GGUFOutput:
     def abort(self) -> None:
         if self.staged is not None:
             self.staged.abort()
-
-
-def _layer_count(names: list[str]) -> int:
-    layers = [int(m.group(1)) for name in names if (m := LAYER_INDEX.search(name))]
-    return max(layers, default=-1) + 1
 
 
 def _input_file_type(model: Model) -> str:

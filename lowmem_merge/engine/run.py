@@ -19,8 +19,15 @@ from .naming import filter_names, present
 from .output_formats import output_format
 from .pipeline import Loaded, Pipeline, bytes_per_element
 from .progress import Progress
-from .tensors import OutputType, TensorTask, assign_chunks, plan_slices, plan_tensors
-from .values import ENCODINGS, STORAGE
+from .tensors import (
+    OutputType,
+    TensorTask,
+    assign_chunks,
+    layer_count,
+    plan_slices,
+    plan_tensors,
+)
+from .values import ENCODINGS, STORAGE, decode_working_bytes
 
 
 def run_merge(job: MergeJob) -> MergeReport:
@@ -32,7 +39,7 @@ def run_merge(job: MergeJob) -> MergeReport:
                       [m.folder for m in opened.values() if m.is_folder], job.force)
     output = output_format(job, opened)
     models = {ref: present(model, output.naming) for ref, model in opened.items()}
-    output.set_layers(_planned_layer_names(job, models))
+    output.set_shape(*_output_shape(job, models))
     filter_name = filter_names(list(opened.values()), output.naming)
 
     def resolve(name: str, position: float, slice_index: int | None):
@@ -85,12 +92,13 @@ def _plan(job: MergeJob, models: dict, resolve: ParamResolver, output_type: Outp
     return tasks, None
 
 
-def _planned_layer_names(job: MergeJob, models: dict) -> list[str]:
-    """Names whose layer indices span the output's layers (before planning)."""
+def _output_shape(job: MergeJob, models: dict) -> tuple[int, bool]:
+    """The output's layer count, and whether it lacks a separate output matrix (tied)."""
+    first = models[job.slices[0].sources[0].model if job.slices else job.experts[0]]
+    tied = not {"output.weight", "lm_head.weight"} & set(first.tensors)
     if job.slices:
-        count = sum(piece.sources[0].end - piece.sources[0].start for piece in job.slices)
-        return [f"blk.{count - 1}."] if count else []
-    return list(models[job.experts[0]].tensors)
+        return sum(p.sources[0].end - p.sources[0].start for p in job.slices), tied
+    return layer_count(list(first.tensors)), tied
 
 
 def _size_chunks(job: MergeJob, tasks: list[TensorTask], n_experts: int,
@@ -98,6 +106,8 @@ def _size_chunks(job: MergeJob, tasks: list[TensorTask], n_experts: int,
     """The budget's chunk size; each task's own chunk is set from it."""
     element_bytes = bytes_per_element(tasks, n_experts)
     working = max((t.merge.working_bytes for t in tasks if t.merge is not None), default=0)
+    working += decode_working_bytes([info for t in tasks if t.merge is not None
+                                     for info in t.experts + ([t.base] if t.base else [])])
     chunk = job.chunk_elements or _chunk_for(max_memory, working, element_bytes)
     spare = max(max_memory - current_rss() - chunk * element_bytes, 0)
     assign_chunks(tasks, chunk, element_bytes, spare)

@@ -89,6 +89,12 @@ def check_same_tensors(models: list[Model]) -> None:
         raise MergeError(f"the models do not have the same tensors: {shown}{more}")
 
 
+def layer_count(names: list[str]) -> int:
+    """Number of repeated layers: the highest layer index in the names, plus one."""
+    layers = [int(m.group(1)) for name in names if (m := LAYER_INDEX.search(name))]
+    return max(layers, default=-1) + 1
+
+
 def layer_positions(names: list[str]) -> dict[str, float]:
     """Each tensor's layer as a fraction of the depth (mergekit's gradient position).
 

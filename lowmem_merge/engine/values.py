@@ -16,7 +16,12 @@ from gguf import GGMLQuantizationType
 from .. import kernels
 from ..io import RangeReader, TensorInfo
 from ..io.gguf_names import qk_row_order
-from ..kernels.gguf_quants import dequantize_into, quantize_into
+from ..kernels.gguf_quants import (
+    FALLBACK_WORKING_BYTES,
+    decodes_in_numba,
+    dequantize_into,
+    quantize_into,
+)
 
 ENCODINGS = {"BF16": kernels.BF16, "F16": kernels.F16, "F32": kernels.F32}
 # Stored bits of each encoding are held in unsigned integers of the same width.
@@ -26,6 +31,13 @@ STORAGE = {kernels.BF16: "uint16", kernels.F16: "uint16", kernels.F32: "uint32"}
 def value_encoding(dtype: str) -> int:
     """Encoding of a dtype's values in the kernels: its own, or float32 for block formats."""
     return ENCODINGS.get(dtype, kernels.F32)
+
+
+def decode_working_bytes(infos: list[TensorInfo]) -> int:
+    """Memory the decoders need beside the buffers: gguf.quants' temporaries, if used."""
+    slow = any(info.dtype not in ENCODINGS and not decodes_in_numba(GGMLQuantizationType[
+        info.dtype]) for info in infos)
+    return FALLBACK_WORKING_BYTES if slow else 0
 
 
 def raw_bytes_per_element(info: TensorInfo) -> float:

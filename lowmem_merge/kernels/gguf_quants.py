@@ -30,7 +30,10 @@ _T = gguf.GGMLQuantizationType
 QK_K = 256
 _GROUP_MAX_EPS = np.float32(1e-15)  # ggml's "all zero" threshold for a group
 _MAGIC_ROUND = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer
-_FALLBACK_BLOCKS = 1 << 16  # blocks per gguf.quants call, to bound its numpy temporaries
+# Elements per gguf.quants call: its numpy temporaries peak at about 17 bytes per
+# element (measured with tracemalloc over the rare types), so about 18 MiB here.
+_FALLBACK_ELEMENTS = 1 << 20
+FALLBACK_WORKING_BYTES = 24 * 1024**2
 _CHUNK_BLOCKS = 64  # blocks per parallel work item of the K-quantizers (scratch reuse)
 
 _F32 = _T.F32.value
@@ -259,6 +262,11 @@ def _check_buffers(data: np.ndarray, data_dtype: type, out: np.ndarray, out_dtyp
             raise ValueError(f"{name} must be a contiguous 1-D {np.dtype(dtype).name} array")
 
 
+def decodes_in_numba(qtype: int) -> bool:
+    """Whether a type has its own kernel; others use gguf.quants (FALLBACK_WORKING_BYTES)."""
+    return qtype in (_F32, _F16, _BF16) or qtype in _DEQUANT_BLOCK_KERNELS
+
+
 def dequantize_into(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
     """raw: uint8, a whole number of blocks; out: float32 of n_blocks*block_elements."""
     if not can_dequantize(qtype):
@@ -280,8 +288,9 @@ def dequantize_into(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
     else:
         # Rare types: gguf's numpy code, a bounded number of blocks at a time.
         member = _T(qtype)
-        for first in range(0, n_blocks, _FALLBACK_BLOCKS):
-            last = min(n_blocks, first + _FALLBACK_BLOCKS)
+        step = max(1, _FALLBACK_ELEMENTS // block_elements)
+        for first in range(0, n_blocks, step):
+            last = min(n_blocks, first + step)
             with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN blocks are data
                 decoded = gguf.quants.dequantize(raw[first * block_bytes:last * block_bytes],
                                                  member)
