@@ -12,7 +12,7 @@ import click
 
 from lowmem_merge.config import build_job, job_from_yaml, parse_assignment
 from lowmem_merge.engine import MergeReport, run_merge
-from lowmem_merge.errors import MergeError
+from lowmem_merge.errors import Interrupted, MergeError
 from lowmem_merge.io import open_model
 from lowmem_merge.methods import METHODS
 from lowmem_merge.units import format_bytes
@@ -28,10 +28,12 @@ def _fail(message: str, code: int = 1) -> None:
 def _run(job) -> MergeReport:
     try:
         return run_merge(job)
+    except Interrupted as exc:
+        _fail(str(exc), 130)
     except MergeError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted; the partial output was removed and nothing was written", 130)
+        _fail("interrupted before writing started; nothing was written", 130)
 
 
 def _print_report(report: MergeReport) -> None:
@@ -51,6 +53,8 @@ def _run_options(command):
                      " safetensors; GGUF is one file unless given)."),
         click.option("--seed", type=int, help="Seed of random drop masks (dare_*, della*)."),
         click.option("--force", is_flag=True, help="Replace an existing output folder."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted merge of the"
+                     " same command from its journal (finished tensors are not redone)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report."),
     ]):
         command = option(command)

@@ -15,11 +15,14 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
           dtype: str | None = None, max_memory: str | int | None = None,
           threads: int | None = None, shard_size: str | int | None = None,
           force: bool = False, progress: bool = False, chunk_elements: int | None = None,
-          output_format: str | None = None, **params: Any) -> MergeReport:
+          output_format: str | None = None, resume: bool = False,
+          checkpoint_bytes: int | None = None, **params: Any) -> MergeReport:
     """Merge models (folders, .safetensors or .gguf files, hub ids) into ``out``.
 
     ``out`` is a safetensors folder, or a GGUF file when it ends in .gguf or
     ``output_format="gguf"``; ``dtype`` may then be a llama.cpp file type such as q4_k_m.
+    ``resume`` continues an interrupted merge of the same plan; ``checkpoint_bytes`` sets
+    how much output is written between journal checkpoints.
 
     Method parameters are keyword arguments, e.g. ``merge([a, b], "slerp", "out", t=0.3)``;
     a list is a gradient over layers as in mergekit. ``chunk_elements`` fixes the chunk
@@ -28,7 +31,8 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
     job = build_job(models, out, method=method, base=base, weights=weights, params=params,
                     dtype=dtype, max_memory=max_memory, threads=threads,
                     shard_size=shard_size, force=force, progress=progress,
-                    chunk_elements=chunk_elements, output_format=output_format)
+                    chunk_elements=chunk_elements, output_format=output_format,
+                    resume=resume, checkpoint_bytes=checkpoint_bytes)
     return run_merge(job)
 
 

@@ -12,3 +12,7 @@ class InputFileError(MergeError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+class Interrupted(MergeError):
+    """The user stopped the merge; the message says how to resume it."""

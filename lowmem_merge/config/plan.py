@@ -52,7 +52,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
               threads: int | None = None, shard_size: str | int | None = None,
               output_format: str | None = None,
               force: bool = False, progress: bool = False,
-              chunk_elements: int | None = None, seed: int | None = None) -> MergeJob:
+              chunk_elements: int | None = None, seed: int | None = None,
+              resume: bool = False, checkpoint_bytes: int | None = None) -> MergeJob:
     merge_method = get_method(method)
     experts = [str(m) for m in models]
     base_ref = str(base) if base is not None else None
@@ -91,7 +92,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
         threads=threads,
         shard_size=parse_size(shard_size, "--shard-size") if shard_size is not None else None,
         force=force,
-        progress=progress, chunk_elements=chunk_elements)
+        progress=progress, chunk_elements=chunk_elements, resume=resume,
+        **({"checkpoint_bytes": checkpoint_bytes} if checkpoint_bytes else {}))
 
 
 def _check_params(method: MergeMethod, global_params: dict[str, Any],

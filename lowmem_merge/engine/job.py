@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io.sequential_files import CHECKPOINT_BYTES
 from ..methods import MergeMethod
 
 # (tensor name, position of its layer in [0, 1], slice index or None)
@@ -55,6 +56,10 @@ class MergeJob:
     slices: tuple[OutputSlice, ...] | None = None
     # Model whose config and tokenizer files are copied; None: the base, else the first.
     companions_from: str | None = None
+    # Continue an interrupted merge of the same plan from its journal.
+    resume: bool = False
+    # Output bytes between journal checkpoints (each one syncs the data first).
+    checkpoint_bytes: int = CHECKPOINT_BYTES
 
 
 @dataclass
@@ -64,6 +69,7 @@ class MergeReport:
     experts: int
     tensors_merged: int
     tensors_copied: int
+    tensors_resumed: int
     bytes_read: int
     bytes_written: int
     seconds: float
@@ -77,10 +83,12 @@ class MergeReport:
 
         rate = self.bytes_read / self.seconds / 1e6 if self.seconds else 0.0
         return [
-            f"method          {self.method} ({self.experts} experts)",
+            f"method          {self.method} ({self.experts} expert"
+            f"{'s' if self.experts != 1 else ''})",
             f"output          {self.output}",
             f"tensors         {self.tensors_merged} merged, {self.tensors_copied} copied,"
-            f" {self.streamed_tensors} streamed in chunks",
+            f" {self.streamed_tensors} streamed in chunks"
+            + (f", {self.tensors_resumed} done before --resume" if self.tensors_resumed else ""),
             f"read            {format_bytes(self.bytes_read)} ({rate:.3g} MB/s)",
             f"written         {format_bytes(self.bytes_written)}",
             f"time            {self.seconds:.2f} s",

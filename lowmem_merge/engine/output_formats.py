@@ -18,9 +18,11 @@ from ..io import Model, OutputFiles, OutputFolder, ShardedSafetensorsWriter
 from ..io.gguf_metadata import metadata_from_hf
 from ..io.gguf_mixes import FILE_TYPES, tensor_type
 from ..io.gguf_names import gguf_architecture
+from ..io.gguf_reader import read_gguf_header
 from ..io.gguf_values import Metadata, MetaValue
-from ..io.gguf_writer import GGUFFileWriter
+from ..io.gguf_writer import GGUFFileWriter, gguf_file_groups, gguf_file_names
 from ..io.hf_config import config_from_gguf
+from ..io.safetensors_reader import read_safetensors_header
 from ..io.sequential_files import SequentialFileWriter
 from .job import MergeJob
 from .naming import GGUF, HF
@@ -44,13 +46,39 @@ def metadata_source(job: MergeJob, models: dict[str, Model]) -> Model:
     return models[job.companions_from or job.base or job.experts[0]]
 
 
-class SafetensorsOutput:
-    naming = HF
+class _StagedOutput:
+    """Output written in a staging folder (made when writing starts), kept for --resume
+    after an interruption, removed after a failure."""
 
     def __init__(self, job: MergeJob, models: dict[str, Model]) -> None:
         self.job = job
         self.models = models
-        self.staged: OutputFolder | None = None  # made when writing starts
+        self.staged: OutputFolder | OutputFiles | None = None
+        self.writer: SequentialFileWriter | None = None
+
+    @property
+    def staging(self) -> Path:
+        return self.staged.staging
+
+    def keep(self) -> None:
+        if self.staged is not None:
+            self.staged.keep()
+
+    def abort(self) -> None:
+        if self.staged is not None:
+            self.staged.abort()
+
+    def verify(self) -> None:
+        """Every file's header parses back to the planned tensors (sizes were checked)."""
+        for planned in self.writer.files:
+            path = self.staging / planned.name
+            names = list(self._read_tensors(path))
+            if sorted(names) != sorted(self._planned_names(planned)):
+                raise MergeError(f"{path}: its header does not list the planned tensors")
+
+
+class SafetensorsOutput(_StagedOutput):
+    naming = HF
 
     def set_shape(self, n_layers: int, tied_embeddings: bool) -> None:
         """Safetensors types do not depend on the model's shape."""
@@ -62,11 +90,20 @@ class SafetensorsOutput:
             return input_dtype
         return "F32"  # decoded GGUF blocks are exact in float32
 
-    def open_writer(self, tasks: list[TensorTask]) -> SequentialFileWriter:
-        self.staged = OutputFolder(self.job.output)
-        return ShardedSafetensorsWriter(self.staged.staging, [t.output for t in tasks],
-                                        self.job.shard_size or 5 * 1000**3,
-                                        {"format": "pt", **provenance(self.job)})
+    def open_writer(self, tasks: list[TensorTask], resume: bool = False) -> SequentialFileWriter:
+        self.staged = OutputFolder(self.job.output, resume)
+        self.writer = ShardedSafetensorsWriter(
+            self.staged.staging, [t.output for t in tasks], self.job.shard_size or 5 * 1000**3,
+            {"format": "pt", **provenance(self.job)})
+        return self.writer
+
+    @staticmethod
+    def _read_tensors(path: Path) -> dict:
+        return read_safetensors_header(path)[0]
+
+    def _planned_names(self, planned) -> list[str]:
+        shard = next(s for s in self.writer.shards if s.file_name == planned.name)
+        return [t.name for t in shard.tensors]
 
     def commit(self, tasks: list[TensorTask], layers: int | None) -> None:
         source = metadata_source(self.job, self.models)
@@ -74,10 +111,6 @@ class SafetensorsOutput:
             _write_config_from_gguf(source, self.staged.staging, tasks)
         _copy_companions(source, self.staged.staging, tasks, layers)
         self.staged.commit()
-
-    def abort(self) -> None:
-        if self.staged is not None:
-            self.staged.abort()
 
 
 def _write_config_from_gguf(source: Model, folder: Path, tasks: list[TensorTask]) -> None:
@@ -111,17 +144,15 @@ def _copy_companions(source: Model, folder: Path, tasks: list[TensorTask],
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-class GGUFOutput:
+class GGUFOutput(_StagedOutput):
     naming = GGUF
 
     def __init__(self, job: MergeJob, models: dict[str, Model]) -> None:
-        self.job = job
-        self.models = models
+        super().__init__(job, models)
         self.file_type = job.out_dtype or _input_file_type(metadata_source(job, models))
         if self.file_type not in FILE_TYPES:
             raise MergeError(f"cannot write GGUF file type {self.file_type}; choose --dtype from"
                              f" {', '.join(FILE_TYPES)}")
-        self.staged: OutputFiles | None = None  # made when writing starts
         self.n_layers = 0
         self.tied_embeddings = False
         self.file_names: list[str] = []
@@ -136,16 +167,25 @@ class GGUFOutput:
         self.n_layers = n_layers
         self.tied_embeddings = tied_embeddings
 
-    def open_writer(self, tasks: list[TensorTask]) -> SequentialFileWriter:
+    def open_writer(self, tasks: list[TensorTask], resume: bool = False) -> SequentialFileWriter:
         outputs = [t.output for t in tasks]
         metadata = self._metadata(layer_count([t.output.name for t in tasks]))
         stem = self.job.output.name.removesuffix(".gguf")
-        self.staged = OutputFiles(self.job.output)
-        writer = GGUFFileWriter(self.staged.staging, stem, outputs, metadata,
-                                self.job.shard_size)
-        self.file_names = writer.file_names
-        _check_replaced(self.job.output.parent, self.file_names, self.job.force)
-        return writer
+        groups = gguf_file_groups(outputs, self.job.shard_size)
+        _check_replaced(self.job.output.parent, gguf_file_names(stem, len(groups)),
+                        self.job.force)
+        self.staged = OutputFiles(self.job.output, resume)
+        self.writer = GGUFFileWriter(self.staged.staging, stem, outputs, metadata,
+                                     self.job.shard_size)
+        self.file_names = self.writer.file_names
+        return self.writer
+
+    @staticmethod
+    def _read_tensors(path: Path) -> dict:
+        return read_gguf_header(path).tensors
+
+    def _planned_names(self, planned) -> list[str]:
+        return self.writer.tensor_names[planned.name]
 
     def _metadata(self, layers: int) -> Metadata:
         source = metadata_source(self.job, self.models)
@@ -170,10 +210,6 @@ class GGUFOutput:
 
     def commit(self, tasks: list[TensorTask], layers: int | None) -> None:
         self.staged.commit(self.file_names)
-
-    def abort(self) -> None:
-        if self.staged is not None:
-            self.staged.abort()
 
 
 def _input_file_type(model: Model) -> str:
@@ -200,7 +236,10 @@ def _check_replaced(folder: Path, names: list[str], force: bool) -> None:
             raise MergeError(f"{folder / name}: already exists; pass --force to replace it")
 
 
-def output_format(job: MergeJob, models: dict[str, Model]) -> SafetensorsOutput | GGUFOutput:
+OutputFormat = SafetensorsOutput | GGUFOutput
+
+
+def output_format(job: MergeJob, models: dict[str, Model]) -> OutputFormat:
     if job.output_format == "gguf":
         return GGUFOutput(job, models)
     return SafetensorsOutput(job, models)

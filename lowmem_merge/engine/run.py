@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import MergeError
-from ..io import check_output_path, open_model
+from .. import __version__
+from ..errors import Interrupted, MergeError
+from ..io import Model, check_output_path, open_model
+from ..io.journal import Journal
 from ..kernels.gguf_quants import dequantize_into, quantize_into
 from ..methods import Chunk, MergeMethod, OutChunk
 from .budget import chunk_elements, current_rss, default_max_memory, peak_rss
 from .job import MergeJob, MergeReport, ParamResolver
 from .naming import filter_names, present
-from .output_formats import output_format
+from .output_formats import OutputFormat, output_format
 from .pipeline import Loaded, Pipeline, bytes_per_element
 from .progress import Progress
 from .tensors import (
@@ -30,10 +33,19 @@ from .tensors import (
 from .values import ENCODINGS, STORAGE, decode_working_bytes
 
 
-def run_merge(job: MergeJob) -> MergeReport:
-    started = time.perf_counter()
-    if job.threads:
-        numba.set_num_threads(min(job.threads, numba.config.NUMBA_NUM_THREADS))
+@dataclass
+class MergePlan:
+    """Everything decided before any data moves."""
+
+    models: dict[str, Model]
+    output: OutputFormat
+    tasks: list[TensorTask]
+    layers: int | None  # output layers of a frankenmerge
+    n_experts: int
+
+
+def plan_merge(job: MergeJob) -> MergePlan:
+    """Open the inputs, check the output path, and plan every output tensor."""
     opened = {ref: open_model(ref) for ref in _references(job)}
     check_output_path(job.output, [t.path for m in opened.values() for t in m.tensors.values()],
                       [m.folder for m in opened.values() if m.is_folder], job.force)
@@ -46,39 +58,109 @@ def run_merge(job: MergeJob) -> MergeReport:
         return job.resolve_params(filter_name(name), position, slice_index)
     tasks, layers = _plan(job, models, resolve, output.output_type)
     n_experts = max((len(t.experts) for t in tasks), default=1)
+    return MergePlan(opened, output, tasks, layers, n_experts)
+
+
+def run_merge(job: MergeJob) -> MergeReport:
+    started = time.perf_counter()
+    if job.threads:
+        numba.set_num_threads(min(job.threads, numba.config.NUMBA_NUM_THREADS))
+    plan = plan_merge(job)
+    tasks = plan.tasks
     _warm_kernels(job.method, tasks)
     _warm_codecs(tasks)
     max_memory = job.max_memory or default_max_memory()
-    chunk = _size_chunks(job, tasks, n_experts, max_memory)
-    try:
-        writer = output.open_writer(tasks)
-        progress = Progress(tasks, enabled=job.progress)
-        bytes_read = 0
-
-        def on_progress(loaded: Loaded) -> None:
-            nonlocal bytes_read
-            bytes_read += loaded.bytes_read
-            progress.advance(loaded)
-
-        try:
-            Pipeline(tasks, chunk, n_experts, writer, on_progress).run()
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            progress.close()
-        output.commit(tasks, layers)
-    except BaseException:
-        output.abort()
-        raise
+    chunk = _size_chunks(job, tasks, plan.n_experts, max_memory)
+    resumed, bytes_read = _write_output(job, plan, chunk)
     return MergeReport(
-        method=job.method.name, output=job.output, experts=n_experts,
-        tensors_merged=sum(t.merge is not None for t in tasks),
-        tensors_copied=sum(t.merge is None for t in tasks),
-        bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks),
+        method=job.method.name, output=job.output, experts=plan.n_experts,
+        tensors_merged=sum(t.merge is not None for t in tasks[resumed:]),
+        tensors_copied=sum(t.merge is None for t in tasks[resumed:]), tensors_resumed=resumed,
+        bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks[resumed:]),
         seconds=time.perf_counter() - started, peak_rss=peak_rss(), max_memory=max_memory,
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
+
+
+def _write_output(job: MergeJob, plan: MergePlan, chunk: int) -> tuple[int, int]:
+    """Stream the tasks a journal has not recorded into the output, then commit it.
+
+    Returns (tensors found done by --resume, bytes read). An interruption or an
+    I/O error (a full disk) keeps the work so far for --resume.
+    """
+    output, tasks = plan.output, plan.tasks
+    journal = writer = None
+    try:
+        writer = output.open_writer(tasks, job.resume)
+        journal = Journal(output.staging, plan_fingerprint(writer.files, tasks), job.resume)
+        resumed = journal.done
+        writer.start(resumed, journal.record, job.checkpoint_bytes)
+        bytes_read = _stream(job, tasks[resumed:], chunk, plan.n_experts, writer)
+        writer.check_sizes()
+        output.verify()
+        journal.close()
+        output.commit(tasks, plan.layers)
+        return resumed, bytes_read
+    except (KeyboardInterrupt, OSError) as exc:
+        _close(writer, journal)
+        output.keep()
+        done = journal.done if journal else 0
+        kept = f"{done} of {len(tasks)} tensors are kept in {output.staging}"
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; {kept}: run the same command with --resume to"
+                              " continue") from None
+        raise MergeError(f"{exc.filename or output.staging}: {exc.strerror or exc}; {kept}:"
+                         " fix this and run the same command with --resume, or delete"
+                         " that folder") from None
+    except BaseException:
+        _close(writer, journal)
+        output.abort()
+        raise
+
+
+def _close(writer, journal) -> None:
+    if writer is not None:
+        writer.abort()
+    if journal is not None:
+        journal.close()
+
+
+def _stream(job: MergeJob, tasks: list[TensorTask], chunk: int, n_experts: int,
+            writer) -> int:
+    """Run the pipeline over tasks; the bytes read."""
+    progress = Progress(tasks, enabled=job.progress)
+    bytes_read = 0
+
+    def on_progress(loaded: Loaded) -> None:
+        nonlocal bytes_read
+        bytes_read += loaded.bytes_read
+        progress.advance(loaded)
+
+    try:
+        Pipeline(tasks, chunk, n_experts, writer, on_progress).run()
+        writer.finish()
+    finally:
+        progress.close()
+    return bytes_read
+
+
+def plan_fingerprint(files, tasks: list[TensorTask]) -> str:
+    """What determines the output's bytes: its headers, every task's inputs and parameters,
+    and the input files' sizes and modification times."""
+    digest = hashlib.sha256(__version__.encode())
+    for planned in files:
+        digest.update(planned.name.encode() + planned.header + repr(planned.sizes).encode())
+    paths = set()
+    for task in tasks:
+        inputs = task.experts + ([task.base] if task.base else [])
+        paths.update(info.path for info in inputs)
+        context = task.context
+        digest.update(repr((task.output, inputs, type(task.merge).__name__,
+                            context.params if context else None,
+                            context.model_params if context else None)).encode())
+    for path in sorted(paths):
+        stat = path.stat()
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def _plan(job: MergeJob, models: dict, resolve: ParamResolver, output_type: OutputType

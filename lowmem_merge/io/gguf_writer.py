@@ -66,14 +66,21 @@ def gguf_file_names(stem: str, count: int) -> list[str]:
     return [f"{stem}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
+def gguf_file_groups(tensors: list[OutputTensor],
+                     split_size: int | None) -> list[list[OutputTensor]]:
+    """Tensors of each file: all in one, or split before a file would exceed split_size."""
+    return [s.tensors for s in plan_shards(tensors, split_size)] if split_size else [tensors]
+
+
 class GGUFFileWriter(SequentialFileWriter):
     """One GGUF file, or gguf-split files when split_size is set and the model exceeds it."""
 
     def __init__(self, folder: Path, stem: str, tensors: list[OutputTensor],
                  metadata: Metadata, split_size: int | None = None) -> None:
-        groups = [s.tensors for s in plan_shards(tensors, split_size)] if split_size \
-            else [tensors]
+        groups = gguf_file_groups(tensors, split_size)
         self.file_names = gguf_file_names(stem, len(groups))
+        self.tensor_names = {name: [t.name for t in group]
+                             for name, group in zip(self.file_names, groups)}
         planned = []
         for index, (name, group) in enumerate(zip(self.file_names, groups)):
             file_metadata = _split_metadata(metadata, index, len(groups), len(tensors))

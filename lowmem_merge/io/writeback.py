@@ -35,11 +35,11 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 class WriteBack:
     """Call wrote(position) after each write; windows behind it are flushed and dropped."""
 
-    def __init__(self, fd: int, window: int = WINDOW) -> None:
+    def __init__(self, fd: int, window: int = WINDOW, start: int = 0) -> None:
         self.fd = fd
         self.window = window
-        self.started = 0  # write-back requested up to here
-        self.dropped = 0  # written back and dropped up to here
+        self.started = start // window * window  # write-back requested up to here
+        self.dropped = self.started  # written back and dropped up to here
 
     def wrote(self, position: int) -> None:
         while position - self.started >= self.window:
