@@ -1,4 +1,4 @@
-"""lowmem-merge commands: merge, run, convert, demo, inspect, methods."""
+"""lowmem-merge commands: merge, run, convert, plan, demo, inspect, methods."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from lowmem_merge.config import build_job, job_from_yaml, parse_assignment
-from lowmem_merge.engine import MergeReport, run_merge
+from lowmem_merge.engine import MergeReport, preview_merge, run_merge
 from lowmem_merge.errors import Interrupted, MergeError
 from lowmem_merge.io import open_model
 from lowmem_merge.methods import METHODS
@@ -81,31 +81,73 @@ def main(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-@main.command()
-@click.argument("models", nargs=-1, required=True)
-@click.option("-o", "--out", "output", required=True, type=click.Path(path_type=Path),
-              help="Output model folder, or a .gguf file.")
-@click.option("-m", "--method", default="karcher", show_default=True,
-              type=click.Choice(sorted(METHODS)), help="Merge method.")
-@click.option("--base", help="Base model (task-vector methods; config and tokenizer source).")
-@click.option("--weights", help="Comma-separated weight per model, e.g. 0.5,0.3,0.2.")
-@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Method parameter; repeat. A comma list is a gradient over layers.")
-@click.option("--dtype", help="Output dtype: bfloat16, float16 or float32; for GGUF also q8_0,"
-              " q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (default: as input).")
-@_run_options
-def merge(models, output, method, base, weights, params, dtype, quiet, **options) -> None:
-    """Merge MODELS (folders, .safetensors or .gguf files, hub ids org/name[@rev]) into OUT."""
+def _merge_options(command):
+    """Options that describe a merge of MODELS: method, base, weights, parameters, dtype."""
+    for option in reversed([
+        click.option("-m", "--method", default="karcher", show_default=True,
+                     type=click.Choice(sorted(METHODS)), help="Merge method."),
+        click.option("--base", help="Base model (task-vector methods; config and tokenizer"
+                     " source)."),
+        click.option("--weights", help="Comma-separated weight per model, e.g. 0.5,0.3,0.2."),
+        click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+                     help="Method parameter; repeat. A comma list is a gradient over layers."),
+        click.option("--dtype", help="Output dtype: bfloat16, float16 or float32; for GGUF also"
+                     " q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k"
+                     " (default: as input)."),
+    ]):
+        command = option(command)
+    return _run_options(command)
+
+
+def _merge_arguments(weights: str | None, params: tuple[str, ...]) -> dict:
     try:
         weight_values = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
         _fail(f"--weights {weights!r}: expected comma-separated numbers")
     try:
-        params = dict(parse_assignment(p) for p in params)
+        return {"weights": weight_values, "params": dict(parse_assignment(p) for p in params)}
     except MergeError as exc:
         _fail(str(exc))
-    _build_and_run(build_job, quiet, models=models, output=output, method=method, base=base,
-                   weights=weight_values, params=params, dtype=dtype, **options)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("-o", "--out", "output", required=True, type=click.Path(path_type=Path),
+              help="Output model folder, or a .gguf file.")
+@_merge_options
+def merge(models, output, weights, params, quiet, **options) -> None:
+    """Merge MODELS (folders, .safetensors or .gguf files, hub ids org/name[@rev]) into OUT."""
+    _build_and_run(build_job, quiet, models=models, output=output,
+                   **_merge_arguments(weights, params), **options)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", "output", type=click.Path(path_type=Path),
+              help="Output (for a YAML config it may also follow the config).")
+@_merge_options
+def plan(inputs, output, weights, params, quiet, **options) -> None:
+    """Show what a merge would do, without merging: INPUTS are the merge's MODELS, or a
+    mergekit YAML CONFIG [OUTPUT]. Takes the options of merge (or run)."""
+    options.pop("progress", None)
+    config = Path(inputs[0])
+    try:
+        if config.suffix.lower() in (".yml", ".yaml") and len(inputs) <= 2:
+            target = output or (Path(inputs[1]) if len(inputs) == 2 else None)
+            if target is None:
+                _fail("plan CONFIG needs the output: plan CONFIG OUTPUT")
+            for key in ("method", "base", "dtype"):
+                options.pop(key)
+            job = job_from_yaml(config, target, **options)
+        else:
+            if output is None:
+                _fail("plan MODELS... needs -o OUTPUT")
+            job = build_job(inputs, output, **_merge_arguments(weights, params), **options)
+        preview = preview_merge(job)
+    except MergeError as exc:
+        _fail(str(exc))
+    for line in preview.lines():
+        click.echo(line)
 
 
 @main.command()

@@ -97,3 +97,45 @@ def test_progress_bar_shows_bytes_and_tensors(tmp_path, capsys):
     lowmem_merge.merge([tmp_path / "a.safetensors"], "linear", tmp_path / "out", progress=True)
     bar = capsys.readouterr().err
     assert "merging" in bar and "tensors 2/2" in bar and "B/s" in bar
+
+
+def test_plan_shows_sizes_chunks_and_streamed_tensors_without_writing(tmp_path):
+    from lowmem_merge.synthetic import LlamaShape, write_experts
+
+    base, experts = write_experts(tmp_path, LlamaShape(hidden_size=256, vocab_size=1000), 2,
+                                  dtype="F32")
+    out = tmp_path / "out"
+    result = invoke("plan", *map(str, experts), "--base", str(base), "-m", "ties",
+                    "-p", "density=0.5", "-o", str(out), "--max-memory", "4GiB")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    assert "ties (2 experts)" in lines["method"]
+    assert "4.0 GiB (--max-memory)" in lines["budget"]
+    assert "fits" in lines["write"]
+    # Every input is read once (3 models of 4 bytes per parameter); nothing is streamed.
+    params = sum(int(np.prod(s)) for _, s in LlamaShape(hidden_size=256,
+                                                        vocab_size=1000).tensors())
+    assert f"{params * 4 * 3 / 2**20:.1f} MiB" in lines["read"]
+    assert "0 tensors larger than a chunk" in lines["streamed"]
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_plan_of_a_yaml_config_names_streamed_tensors(tmp_path):
+    from lowmem_merge.synthetic import LlamaShape, write_experts
+
+    _, experts = write_experts(tmp_path, LlamaShape(hidden_size=512, vocab_size=1000), 2,
+                               dtype="F32")
+    config = tmp_path / "c.yml"
+    config.write_text("merge_method: karcher\nmodels:\n"
+                      + "".join(f"  - model: {p}\n" for p in experts))
+    from lowmem_merge import config as config_module
+    from lowmem_merge.engine import preview_merge
+
+    job = config_module.job_from_yaml(config, tmp_path / "out.gguf", max_memory="4GiB")
+    job.chunk_elements = 65536
+    preview = preview_merge(job)
+    streamed = [line for line in preview.lines() if line.startswith("  token_embd")]
+    assert streamed == ["  token_embd.weight: 8 chunks, 2 passes"]  # 1000 x 512 elements
+    result = invoke("plan", str(config), str(tmp_path / "out.gguf"))
+    assert result.exit_code == 0, result.output
+    assert "(gguf)" in result.output

@@ -6,16 +6,19 @@ statistics passes and apply pass.
 
 from .budget import CHUNK_ALIGN, cgroup_memory_limit, default_max_memory
 from .job import MergeJob, MergeReport, OutputSlice, ParamResolver, SliceSource
+from .preview import MergePreview, preview_merge
 from .run import run_merge
 
 __all__ = [
     "CHUNK_ALIGN",
     "MergeJob",
+    "MergePreview",
     "MergeReport",
     "OutputSlice",
     "ParamResolver",
     "SliceSource",
     "cgroup_memory_limit",
     "default_max_memory",
+    "preview_merge",
     "run_merge",
 ]

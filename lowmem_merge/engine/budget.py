@@ -52,13 +52,18 @@ def _read_limit(path: Path) -> int | None:
     return value if value < 1 << 60 else None  # v1 reports "unlimited" as a huge number
 
 
-def default_max_memory() -> int:
-    """Half of the available memory, and at most 80% of a cgroup limit."""
-    budget = psutil.virtual_memory().available // 2
+def default_budget() -> tuple[int, str]:
+    """Half of the available memory, and at most 80% of a cgroup limit; and which it was."""
+    available = psutil.virtual_memory().available
+    budget, source = available // 2, f"half of the {format_bytes(available)} available"
     limit = cgroup_memory_limit()
-    if limit is not None:
-        budget = min(budget, int(limit * 0.8))
-    return budget
+    if limit is not None and int(limit * 0.8) < budget:
+        budget, source = int(limit * 0.8), f"80% of the cgroup limit {format_bytes(limit)}"
+    return budget, source
+
+
+def default_max_memory() -> int:
+    return default_budget()[0]
 
 
 def current_rss() -> int:

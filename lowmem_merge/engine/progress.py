@@ -14,7 +14,7 @@ class Progress:
         self.done = 0
         self.bar = None
         if enabled:
-            total = sum(_planned_bytes(task) for task in tasks)
+            total = sum(task.planned_read_bytes for task in tasks)
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merging", dynamic_ncols=True, leave=False)
 
@@ -33,11 +33,3 @@ class Progress:
             self.bar.refresh()  # the final state, even for merges faster than one refresh
             self.bar.close()
 
-
-def _planned_bytes(task: TensorTask) -> int:
-    if task.merge is None:
-        return task.copy_from.nbytes
-    once = sum(t.nbytes for t in task.experts)
-    if task.merge.uses_base and task.base is not None:
-        once += task.base.nbytes
-    return once * (1 if task.numel <= task.chunk else task.merge.stat_passes + 1)

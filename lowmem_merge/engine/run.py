@@ -16,7 +16,14 @@ from ..io import Model, check_output_path, open_model
 from ..io.journal import Journal
 from ..kernels.gguf_quants import dequantize_into, quantize_into
 from ..methods import Chunk, MergeMethod, OutChunk
-from .budget import chunk_elements, current_rss, default_max_memory, peak_rss
+from .budget import (
+    CHUNK_ALIGN,
+    RESERVE_BYTES,
+    chunk_elements,
+    current_rss,
+    default_budget,
+    peak_rss,
+)
 from .job import MergeJob, MergeReport, ParamResolver
 from .naming import filter_names, present
 from .output_formats import OutputFormat, output_format
@@ -67,10 +74,8 @@ def run_merge(job: MergeJob) -> MergeReport:
         numba.set_num_threads(min(job.threads, numba.config.NUMBA_NUM_THREADS))
     plan = plan_merge(job)
     tasks = plan.tasks
-    _warm_kernels(job.method, tasks)
-    _warm_codecs(tasks)
-    max_memory = job.max_memory or default_max_memory()
-    chunk = _size_chunks(job, tasks, plan.n_experts, max_memory)
+    sizing = size_merge(job, plan)
+    max_memory, chunk = sizing.max_memory, sizing.chunk
     resumed, bytes_read = _write_output(job, plan, chunk)
     return MergeReport(
         method=job.method.name, output=job.output, experts=plan.n_experts,
@@ -183,17 +188,40 @@ def _output_shape(job: MergeJob, models: dict) -> tuple[int, bool]:
     return layer_count(list(first.tensors)), tied
 
 
-def _size_chunks(job: MergeJob, tasks: list[TensorTask], n_experts: int,
-                 max_memory: int) -> int:
-    """The budget's chunk size; each task's own chunk is set from it."""
-    element_bytes = bytes_per_element(tasks, n_experts)
+@dataclass
+class Sizing:
+    """The budget and what it buys: the chunk, and the memory the merge will hold."""
+
+    max_memory: int
+    budget_source: str
+    chunk: int
+    element_bytes: int  # buffer bytes per chunk element, both pools
+    working: int  # methods' and decoders' memory beside the buffers
+    rss: int  # the process with its kernels loaded, before any buffer
+
+    @property
+    def predicted_peak(self) -> int:
+        return self.rss + RESERVE_BYTES + self.chunk * self.element_bytes + self.working
+
+
+def size_merge(job: MergeJob, plan: MergePlan) -> Sizing:
+    """Load the kernels, then size chunks to what the budget leaves (sets each task's)."""
+    tasks = plan.tasks
+    _warm_kernels(job.method, tasks)
+    _warm_codecs(tasks)
+    max_memory, source = (job.max_memory, "--max-memory") if job.max_memory \
+        else default_budget()
+    element_bytes = bytes_per_element(tasks, plan.n_experts)
     working = max((t.merge.working_bytes for t in tasks if t.merge is not None), default=0)
     working += decode_working_bytes([info for t in tasks if t.merge is not None
                                      for info in t.experts + ([t.base] if t.base else [])])
     chunk = job.chunk_elements or _chunk_for(max_memory, working, element_bytes)
+    # No buffer larger than the largest tensor needs.
+    largest = max((t.numel for t in tasks), default=1)
+    chunk = min(chunk, -(-largest // CHUNK_ALIGN) * CHUNK_ALIGN)
     spare = max(max_memory - current_rss() - chunk * element_bytes, 0)
     assign_chunks(tasks, chunk, element_bytes, spare)
-    return chunk
+    return Sizing(max_memory, source, chunk, element_bytes, working, current_rss())
 
 
 def _chunk_for(max_memory: int, working: int, element_bytes: int) -> int:

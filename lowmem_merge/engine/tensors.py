@@ -55,6 +55,22 @@ class TensorTask:
     def base_encoding(self) -> int:
         return value_encoding(self.base.dtype) if self.base is not None else kernels.F32
 
+    @property
+    def passes(self) -> int:
+        """Times the inputs are read: once if the tensor fits one chunk, else once per pass."""
+        if self.merge is None or self.numel <= self.chunk:
+            return 1
+        return self.merge.stat_passes + 1
+
+    @property
+    def planned_read_bytes(self) -> int:
+        if self.merge is None:
+            return self.copy_from.nbytes
+        once = sum(t.nbytes for t in self.experts)
+        if self.merge.uses_base and self.base is not None:
+            once += self.base.nbytes
+        return once * self.passes
+
     def output_bytes(self, count: int) -> int:
         """Bytes of count output elements (whole blocks for block formats)."""
         block_elements, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.output.dtype]]
