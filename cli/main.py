@@ -53,6 +53,9 @@ def _run_options(command):
                      " safetensors; GGUF is one file unless given)."),
         click.option("--seed", type=int, help="Seed of random drop masks (dare_*, della*)."),
         click.option("--force", is_flag=True, help="Replace an existing output folder."),
+        click.option("--nan-policy", type=click.Choice(["warn", "error"]), default="warn",
+                     show_default=True, help="NaN or Inf in an input tensor: warn naming it,"
+                     " or stop with an error."),
         click.option("--resume", is_flag=True, help="Continue an interrupted merge of the"
                      " same command from its journal (finished tensors are not redone)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report."),

@@ -16,7 +16,8 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
           threads: int | None = None, shard_size: str | int | None = None,
           force: bool = False, progress: bool = False, chunk_elements: int | None = None,
           output_format: str | None = None, resume: bool = False,
-          checkpoint_bytes: int | None = None, **params: Any) -> MergeReport:
+          checkpoint_bytes: int | None = None, nan_policy: str = "warn",
+          **params: Any) -> MergeReport:
     """Merge models (folders, .safetensors or .gguf files, hub ids) into ``out``.
 
     ``out`` is a safetensors folder, or a GGUF file when it ends in .gguf or
@@ -32,7 +33,7 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
                     dtype=dtype, max_memory=max_memory, threads=threads,
                     shard_size=shard_size, force=force, progress=progress,
                     chunk_elements=chunk_elements, output_format=output_format,
-                    resume=resume, checkpoint_bytes=checkpoint_bytes)
+                    resume=resume, checkpoint_bytes=checkpoint_bytes, nan_policy=nan_policy)
     return run_merge(job)
 
 

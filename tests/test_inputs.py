@@ -186,3 +186,25 @@ def test_writeback_flushes_windows_behind_the_writer(tmp_path):
     assert writeback.started == len(data) // 4096 * 4096
     assert writeback.dropped == writeback.started - 4096
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_nan_and_inf_are_named_in_a_warning_or_stop_the_merge(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    clean = rng.standard_normal((4, 70000)).astype(np.float32)
+    dirty = clean.copy()
+    dirty[1, 5] = np.nan
+    dirty[3, 69999] = np.inf  # in the second chunk of 65,536 elements
+    write_safetensors(tmp_path / "a.safetensors", {"w": clean, "v": clean[0]})
+    write_safetensors(tmp_path / "b.safetensors", {"w": dirty, "v": clean[0]})
+    inputs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    with caplog.at_level("WARNING"):
+        lowmem_merge.merge(inputs, "linear", tmp_path / "out", chunk_elements=65536)
+    warnings = [r.getMessage() for r in caplog.records if "NaN or Inf" in r.getMessage()]
+    assert warnings == [f"{tmp_path / 'b.safetensors'}: tensor w holds 2 NaN or Inf values;"
+                        " the merge carries them into the output (--nan-policy error stops"
+                        " instead)"]
+    with pytest.raises(MergeError, match=r"b\.safetensors: tensor w holds NaN or Inf"):
+        lowmem_merge.merge(inputs, "linear", tmp_path / "stopped", chunk_elements=65536,
+                           nan_policy="error")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors",
+                                                          "out"]

@@ -21,6 +21,7 @@ DTYPE_NAMES = {
 
 
 FORMATS = ("safetensors", "gguf")
+NAN_POLICIES = ("warn", "error")
 
 
 def choose_format(name: str | None, output: Path) -> str:
@@ -53,7 +54,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
               output_format: str | None = None,
               force: bool = False, progress: bool = False,
               chunk_elements: int | None = None, seed: int | None = None,
-              resume: bool = False, checkpoint_bytes: int | None = None) -> MergeJob:
+              resume: bool = False, checkpoint_bytes: int | None = None,
+              nan_policy: str = "warn") -> MergeJob:
     merge_method = get_method(method)
     experts = [str(m) for m in models]
     base_ref = str(base) if base is not None else None
@@ -80,6 +82,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
                                        or chunk_elements % CHUNK_ALIGN):
         raise MergeError(f"chunk size must be a positive multiple of {CHUNK_ALIGN} elements,"
                          f" got {chunk_elements}")
+    if nan_policy not in NAN_POLICIES:
+        raise MergeError(f"--nan-policy {nan_policy!r}: use {' or '.join(NAN_POLICIES)}")
     if threads is not None and threads < 1:
         raise MergeError(f"--threads must be at least 1, got {threads}")
     format_name = choose_format(output_format, Path(output))
@@ -92,7 +96,7 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
         threads=threads,
         shard_size=parse_size(shard_size, "--shard-size") if shard_size is not None else None,
         force=force,
-        progress=progress, chunk_elements=chunk_elements, resume=resume,
+        progress=progress, chunk_elements=chunk_elements, resume=resume, nan_policy=nan_policy,
         **({"checkpoint_bytes": checkpoint_bytes} if checkpoint_bytes else {}))
 
 

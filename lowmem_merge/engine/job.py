@@ -56,6 +56,8 @@ class MergeJob:
     slices: tuple[OutputSlice, ...] | None = None
     # Model whose config and tokenizer files are copied; None: the base, else the first.
     companions_from: str | None = None
+    # NaN or Inf in an input: "warn" (once per tensor) or "error" (stop, nothing written).
+    nan_policy: str = "warn"
     # Continue an interrupted merge of the same plan from its journal.
     resume: bool = False
     # Output bytes between journal checkpoints (each one syncs the data first).

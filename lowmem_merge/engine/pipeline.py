@@ -7,6 +7,7 @@ most the input pool, the writer lags by at most the output pool.
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import kernels
+from ..errors import MergeError
 from ..io import RangeReader
 from ..io.sequential_files import SequentialFileWriter
 from ..methods import Chunk, OutChunk
@@ -28,6 +31,7 @@ from .values import (
     read_values,
 )
 
+log = logging.getLogger(__name__)
 ALL_PASSES = -1
 POOL_SIZE = 2
 
@@ -114,10 +118,44 @@ def _buffer(chunk: int, width: float) -> np.ndarray:
     return np.empty(math.ceil(chunk * width), np.uint8)
 
 
+class NonFiniteCheck:
+    """NaN and Inf in the inputs: counted on each tensor's first read, then reported.
+
+    "warn" logs one warning per input tensor that holds any; "error" stops the
+    merge at the first one.
+    """
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def check(self, loaded: Loaded) -> None:
+        chunk, task = loaded.chunk, loaded.task
+        rows = [(info, row, chunk.encoding) for info, row in zip(task.experts, chunk.experts)]
+        if chunk.base is not None:
+            rows.append((task.base, chunk.base, chunk.base_encoding))
+        for info, row, encoding in rows:
+            count = kernels.count_nonfinite(row, encoding)
+            if count:
+                if self.policy == "error":
+                    raise MergeError(f"{info.path}: tensor {info.name} holds NaN or Inf values"
+                                     " (--nan-policy error)")
+                key = (str(info.path), info.name)
+                self.counts[key] = self.counts.get(key, 0) + count
+        if loaded.last:  # the reader finishes one tensor's first pass before the next
+            for (path, name), count in self.counts.items():
+                log.warning("%s: tensor %s holds %d NaN or Inf values; the merge carries"
+                            " them into the output (--nan-policy error stops instead)",
+                            path, name, count)
+            self.counts.clear()
+
+
 class Pipeline:
     def __init__(self, tasks: list[TensorTask], chunk: int, n_experts: int,
-                 writer: SequentialFileWriter, on_progress: Callable[[Loaded], None]) -> None:
+                 writer: SequentialFileWriter, on_progress: Callable[[Loaded], None],
+                 nan_policy: str = "warn") -> None:
         self.tasks = tasks
+        self.nonfinite = NonFiniteCheck(nan_policy)
         self.chunk = chunk
         self.reader = RangeReader()
         self.writer = writer
@@ -207,6 +245,8 @@ class Pipeline:
                 self._load_copy(loaded)
             else:
                 self._load_chunk(loaded)
+                if pass_index in (ALL_PASSES, 0):
+                    self.nonfinite.check(loaded)
             self.loaded.put(loaded)
         self.loaded.put(None)
 

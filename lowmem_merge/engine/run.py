@@ -141,7 +141,7 @@ def _stream(job: MergeJob, tasks: list[TensorTask], chunk: int, n_experts: int,
         progress.advance(loaded)
 
     try:
-        Pipeline(tasks, chunk, n_experts, writer, on_progress).run()
+        Pipeline(tasks, chunk, n_experts, writer, on_progress, job.nan_policy).run()
         writer.finish()
     finally:
         progress.close()

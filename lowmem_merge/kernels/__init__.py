@@ -2,6 +2,7 @@
 
 from .arrays import (
     REDUCTION_BLOCK,
+    count_nonfinite,
     decode_array,
     encode_array,
     gram_blocks,
@@ -17,6 +18,7 @@ __all__ = [
     "F16",
     "F32",
     "REDUCTION_BLOCK",
+    "count_nonfinite",
     "decode_array",
     "encode_array",
     "gram_blocks",

@@ -104,6 +104,16 @@ def weighted_sum(stack: np.ndarray, encoding: int, coefficients: np.ndarray, bas
 
 
 @njit(parallel=True, nogil=True, cache=True)
+def count_nonfinite(raw, encoding):
+    """How many of the stored values are NaN or infinite."""
+    count = 0
+    for j in prange(raw.shape[0]):
+        if not np.isfinite(decode(raw[j], encoding)):
+            count += 1
+    return count
+
+
+@njit(parallel=True, nogil=True, cache=True)
 def decode_array(raw, encoding, out):
     for j in prange(raw.shape[0]):
         out[j] = decode(raw[j], encoding)
