@@ -109,7 +109,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int,
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InputFileError(path, f"tensor {name!r}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list)
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
