@@ -167,3 +167,36 @@ def test_full_disk_is_one_clear_error_and_nothing_looks_finished(experts, small_
     assert [p.name for p in small_disk.iterdir()] == [".merged.partial"]
     assert json.loads((small_disk / ".merged.partial" / "journal.jsonl").read_text()
                       .splitlines()[0])["fingerprint"]
+
+
+LIMIT = 384 * 1024**2
+
+
+def test_merge_under_a_real_cgroup_memory_limit_is_bit_identical(tmp_path):
+    """Inputs 2.5 times the limit; the budget comes from the cgroup (no --max-memory)."""
+    from memory_cgroup import CgroupUnavailable, MemoryCgroup
+
+    try:
+        group = MemoryCgroup.create(LIMIT)
+    except CgroupUnavailable as reason:
+        pytest.skip(f"cannot create a memory cgroup here: {reason}")
+    try:
+        shape = LlamaShape(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=2, vocab_size=8000)
+        _, paths = write_experts(tmp_path / "in", shape, 3, dtype="F32")
+        inputs = sum(f.stat().st_size for p in paths for f in p.glob("*.safetensors"))
+        assert inputs > 2.5 * LIMIT
+        merge(paths, "karcher", tmp_path / "reference")
+        child = subprocess.run(
+            [sys.executable, "-m", "lowmem_merge_cli.main", "merge", *map(str, paths), "-o",
+             str(tmp_path / "capped")], preexec_fn=group.enter, capture_output=True,
+            timeout=600)
+        output = child.stdout.decode() + child.stderr.decode()
+        assert child.returncode == 0, output
+        assert group.oom_kills() == 0
+        assert "(budget 307.2 MiB" in output  # 80% of the cgroup's limit
+        assert files_of(tmp_path / "capped") == files_of(tmp_path / "reference")
+        peak = group.peak()
+        assert peak is None or peak <= LIMIT
+    finally:
+        group.remove()

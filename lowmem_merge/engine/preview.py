@@ -47,7 +47,8 @@ class MergePreview:
             f"predicted peak  {format_bytes(sizing.predicted_peak)} (process"
             f" {format_bytes(sizing.rss)}, buffers"
             f" {format_bytes(sizing.chunk * sizing.element_bytes)}, working"
-            f" {format_bytes(sizing.working)}, reserve)",
+            f" {format_bytes(sizing.working)}, dirty page cache {format_bytes(2 * sizing.window)},"
+            " reserve)",
             f"streamed        {len(streamed)} tensors larger than a chunk",
         ]
         for task in streamed[:SHOWN_STREAMED]:

@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import Interrupted, MergeError
 from ..io import Model, check_output_path, open_model
 from ..io.journal import Journal
+from ..io.writeback import window_for
 from ..kernels.gguf_quants import dequantize_into, quantize_into
 from ..methods import Chunk, MergeMethod, OutChunk
 from .budget import (
@@ -76,7 +77,7 @@ def run_merge(job: MergeJob) -> MergeReport:
     tasks = plan.tasks
     sizing = size_merge(job, plan)
     max_memory, chunk = sizing.max_memory, sizing.chunk
-    resumed, bytes_read = _write_output(job, plan, chunk)
+    resumed, bytes_read = _write_output(job, plan, sizing)
     return MergeReport(
         method=job.method.name, output=job.output, experts=plan.n_experts,
         tensors_merged=sum(t.merge is not None for t in tasks[resumed:]),
@@ -86,7 +87,7 @@ def run_merge(job: MergeJob) -> MergeReport:
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
 
 
-def _write_output(job: MergeJob, plan: MergePlan, chunk: int) -> tuple[int, int]:
+def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing) -> tuple[int, int]:
     """Stream the tasks a journal has not recorded into the output, then commit it.
 
     Returns (tensors found done by --resume, bytes read). An interruption or an
@@ -98,8 +99,8 @@ def _write_output(job: MergeJob, plan: MergePlan, chunk: int) -> tuple[int, int]
         writer = output.open_writer(tasks, job.resume)
         journal = Journal(output.staging, plan_fingerprint(writer.files, tasks), job.resume)
         resumed = journal.done
-        writer.start(resumed, journal.record, job.checkpoint_bytes)
-        bytes_read = _stream(job, tasks[resumed:], chunk, plan.n_experts, writer)
+        writer.start(resumed, journal.record, job.checkpoint_bytes, sizing.window)
+        bytes_read = _stream(job, tasks[resumed:], sizing.chunk, plan.n_experts, writer)
         writer.check_sizes()
         output.verify()
         journal.close()
@@ -198,10 +199,13 @@ class Sizing:
     element_bytes: int  # buffer bytes per chunk element, both pools
     working: int  # methods' and decoders' memory beside the buffers
     rss: int  # the process with its kernels loaded, before any buffer
+    window: int  # write-back window: the output keeps at most two dirty in the page cache
 
     @property
     def predicted_peak(self) -> int:
-        return self.rss + RESERVE_BYTES + self.chunk * self.element_bytes + self.working
+        """RSS plus the page cache the merge dirties."""
+        return self.rss + RESERVE_BYTES + self.chunk * self.element_bytes + self.working \
+            + 2 * self.window
 
 
 def size_merge(job: MergeJob, plan: MergePlan) -> Sizing:
@@ -215,13 +219,15 @@ def size_merge(job: MergeJob, plan: MergePlan) -> Sizing:
     working = max((t.merge.working_bytes for t in tasks if t.merge is not None), default=0)
     working += decode_working_bytes([info for t in tasks if t.merge is not None
                                      for info in t.experts + ([t.base] if t.base else [])])
-    chunk = job.chunk_elements or _chunk_for(max_memory, working, element_bytes)
+    window = window_for(max_memory)
+    dirty = 2 * window
+    chunk = job.chunk_elements or _chunk_for(max_memory - dirty, working, element_bytes)
     # No buffer larger than the largest tensor needs.
     largest = max((t.numel for t in tasks), default=1)
     chunk = min(chunk, -(-largest // CHUNK_ALIGN) * CHUNK_ALIGN)
-    spare = max(max_memory - current_rss() - chunk * element_bytes, 0)
+    spare = max(max_memory - dirty - current_rss() - chunk * element_bytes, 0)
     assign_chunks(tasks, chunk, element_bytes, spare)
-    return Sizing(max_memory, source, chunk, element_bytes, working, current_rss())
+    return Sizing(max_memory, source, chunk, element_bytes, working, current_rss(), window)
 
 
 def _chunk_for(max_memory: int, working: int, element_bytes: int) -> int:

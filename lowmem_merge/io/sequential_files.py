@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MergeError
-from .writeback import WriteBack
+from .writeback import WINDOW, WriteBack
 
 
 @dataclass
@@ -62,14 +62,19 @@ class SequentialFileWriter:
         self._checkpoint_bytes = CHECKPOINT_BYTES
         self._last_checkpoint = (0, 0.0)  # (offset, time) in the current file
         self._started = False
+        self._window = WINDOW
 
     @property
     def tensor_count(self) -> int:
         return sum(len(f.sizes) for f in self.files)
 
     def start(self, done: int = 0, on_checkpoint: Checkpoint | None = None,
-              checkpoint_bytes: int = CHECKPOINT_BYTES) -> None:
-        """Begin writing after the first `done` tensors, which are already on disk."""
+              checkpoint_bytes: int = CHECKPOINT_BYTES, window: int = WINDOW) -> None:
+        """Begin writing after the first `done` tensors, which are already on disk.
+
+        window: write-back window; the file keeps at most two of them dirty.
+        """
+        self._window = window
         self._on_checkpoint = on_checkpoint
         self._checkpoint_bytes = checkpoint_bytes
         self._started = True
@@ -104,7 +109,7 @@ class SequentialFileWriter:
             os.ftruncate(self._fd, offset)
             os.lseek(self._fd, offset, os.SEEK_SET)
         self._offset = 0 if within == 0 else offset
-        self._writeback = WriteBack(self._fd, start=self._offset)
+        self._writeback = WriteBack(self._fd, self._window, start=self._offset)
         self._at = _Position(index, within, tensors_before=before)
         if within == 0:
             self._write_all(memoryview(planned.header))

@@ -15,6 +15,11 @@ import ctypes.util
 import os
 
 WINDOW = 64 * 1024 * 1024
+
+
+def window_for(budget: int) -> int:
+    """A window that keeps dirty pages (two windows) within 1/8 of a memory budget."""
+    return max(4 * 1024**2, min(WINDOW, budget // 16 // 1024**2 * 1024**2))
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 
 
