@@ -118,8 +118,9 @@ def _tensors_from_index(folder: Path, index: Path) -> dict[str, TensorInfo]:
     headers: dict[str, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
     for name, file_name in weight_map.items():
-        if not isinstance(file_name, str):
-            raise InputFileError(index, f"weight_map[{name!r}] is not a file name")
+        if not isinstance(file_name, str) or not file_name or "\x00" in file_name:
+            raise InputFileError(index, f"weight_map[{name!r}] = {file_name!r} is not a file"
+                                 " name")
         shard = (folder / file_name).resolve()
         if shard.parent != root:
             raise InputFileError(
