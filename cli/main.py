@@ -1,4 +1,4 @@
-"""lowmem-merge commands: merge, run, convert, plan, demo, inspect, methods."""
+"""lowmem-merge commands: merge, run, convert, plan, diagnose, demo, inspect, methods."""
 
 from __future__ import annotations
 
@@ -221,6 +221,53 @@ def inspect(model: str, limit: int | None) -> None:
     click.echo(f"{len(tensors)} tensors, {sum(t.numel for t in tensors):,} parameters,"
                f" {format_bytes(sum(t.nbytes for t in tensors))}"
                f" ({', '.join(f'{d}: {n}' for d, n in sorted(dtypes.items()))})")
+
+
+@main.command()
+@click.argument("merged")
+@click.option("--experts", "-e", multiple=True, required=True,
+              help="An expert of the merge; repeat (or give them space-separated in quotes).")
+@click.option("--base", help="Base model: measure task vectors (weights minus the base).")
+@click.option("--prompts", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Prompt file (one per line) for activation diagnostics.")
+@click.option("--activations/--no-activations", default=None,
+              help="Per-layer activation variance and effective rank (needs torch and"
+              " transformers; default: when --prompts is given).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of it per layer.")
+def diagnose(merged, experts, base, prompts, activations, json_path, plot) -> None:
+    """How MERGED relates to its experts: norms and angles per tensor and layer (streamed),
+    and optionally activation variance and effective rank per layer."""
+    from lowmem_merge.diagnose import weight_diagnostics
+    from lowmem_merge.diagnose.activations import layer_activations, read_prompts
+    from lowmem_merge.diagnose.report import (
+        report_dict,
+        summary_lines,
+        write_json,
+        write_plot,
+    )
+
+    expert_refs = [ref for item in experts for ref in item.split()]
+    try:
+        tensors, layers = weight_diagnostics(merged, expert_refs, base)
+        functional = None
+        if activations or (activations is None and prompts is not None):
+            texts = read_prompts(prompts)
+            functional = {ref: layer_activations(ref, texts) for ref in [*expert_refs, merged]}
+        for line in summary_lines(tensors, layers):
+            click.echo(line)
+        if functional:
+            click.echo("hidden state  " + "  ".join(f"rank {Path(r).name}" for r in functional))
+            for index in range(len(next(iter(functional.values())).effective_rank)):
+                click.echo(f"{index:12d}  " + "  ".join(
+                    f"{values.effective_rank[index]:.2f}" for values in functional.values()))
+        report = report_dict(tensors, layers, functional)
+        if json_path:
+            write_json(json_path, report)
+        if plot:
+            write_plot(plot, layers, functional)
+    except MergeError as exc:
+        _fail(str(exc))
 
 
 @main.command()

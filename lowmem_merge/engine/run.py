@@ -108,6 +108,10 @@ def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing) -> tuple[int, 
         return resumed, bytes_read
     except (KeyboardInterrupt, OSError) as exc:
         _close(writer, journal)
+        if output.staged is None:  # nothing was made yet
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise MergeError(f"{exc.filename or job.output}: {exc.strerror or exc}") from None
         output.keep()
         done = journal.done if journal else 0
         kept = f"{done} of {len(tasks)} tensors are kept in {output.staging}"
