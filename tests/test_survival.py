@@ -48,14 +48,23 @@ def journal_lines(staging: Path) -> int:
         return -1
 
 
+def staged_size(staging: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in staging.glob("*.safetensors"))
+    except FileNotFoundError:  # renamed into place at that moment
+        return 0
+
+
 def run_until(script: str, staging: Path, checkpoints: int, sig: int,
-              timeout: float = 120) -> subprocess.Popen:
+              timeout: float = 120, staged_bytes: int = 0) -> subprocess.Popen:
     """Start a merge in a child process and signal it once the journal has that many
-    checkpoints (-1: as soon as its staging folder exists)."""
+    checkpoints (-1: as soon as its staging folder exists) and its output file holds
+    staged_bytes."""
     child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and child.poll() is None:
-        if staging.is_dir() and journal_lines(staging) >= checkpoints:
+        if staging.is_dir() and journal_lines(staging) >= checkpoints \
+                and staged_size(staging) >= staged_bytes:
             child.send_signal(sig)
             break
         time.sleep(0.001)
@@ -102,7 +111,8 @@ def test_ctrl_c_keeps_the_work_and_says_how_to_resume(experts, tmp_path):
         main()
         """)
     staging = tmp_path / ".merged.partial"
-    child = run_until(script, staging, 1, signal.SIGINT)
+    # Its checkpoints come every 256 MiB: stop it by the bytes it has written instead.
+    child = run_until(script, staging, -1, signal.SIGINT, staged_bytes=1 << 20)
     message = child.stderr.read().decode()
     assert child.returncode == 130, message
     assert "--resume" in message and str(staging) in message
@@ -200,3 +210,14 @@ def test_merge_under_a_real_cgroup_memory_limit_is_bit_identical(tmp_path):
         assert peak is None or peak <= LIMIT
     finally:
         group.remove()
+
+
+def test_a_journal_torn_while_being_created_means_start_over(experts, tmp_path):
+    root, paths = experts
+    out = tmp_path / "merged"
+    staging = tmp_path / ".merged.partial"
+    staging.mkdir()
+    (staging / "journal.jsonl").write_text('{"fingerpr')  # killed mid-write
+    report = merge(paths, "karcher", out, chunk_elements=CHUNK, resume=True)
+    assert report.tensors_resumed == 0
+    assert files_of(out) == files_of(root / "reference" / "merged")

@@ -24,7 +24,7 @@ class Journal:
         if resume and self.path.is_file():
             self.done = _read_done(self.path, fingerprint)
         else:
-            self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+            _create(self.path, fingerprint)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def record(self, tensors_done: int) -> None:
@@ -39,12 +39,25 @@ class Journal:
             self._fd = -1
 
 
+def _create(path: Path, fingerprint: str) -> None:
+    """Write the header line under a temporary name first: a journal is whole or absent."""
+    temporary = path.with_name(path.name + ".new")
+    with open(temporary, "w") as handle:
+        handle.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 def _read_done(path: Path, fingerprint: str) -> int:
     lines = path.read_bytes().split(b"\n")
     try:
         header = json.loads(lines[0])
     except ValueError:
-        header = {}
+        header = None
+    if not isinstance(header, dict):  # torn by a crash before anything was recorded
+        _create(path, fingerprint)
+        return 0
     if header.get("fingerprint") != fingerprint:
         raise MergeError(
             f"{path.parent}: the interrupted merge there was for a different plan (inputs,"
