@@ -279,3 +279,23 @@ out_dtype: f32
         source = value if ".attn_" in name and "norm" not in name else \
             to_gguf_layout(second)[name]
         np.testing.assert_array_equal(read[name], source, err_msg=name)
+
+
+def test_an_80_layer_gqa_llama_gets_llama_cpps_70b_rule(tmp_path):
+    """llama.cpp gives a 70B's attn_v Q5_K where other models keep Q4_K (Q4_K_M)."""
+    from lowmem_merge.config import build_job
+    from lowmem_merge.engine.run import plan_merge
+
+    shape = LlamaShape(hidden_size=256, intermediate_size=256, num_hidden_layers=80,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    types = {}
+    for layers in (80, 79):
+        folder = write_experts(tmp_path / str(layers), LlamaShape(
+            **{**shape.__dict__, "num_hidden_layers": layers}), 1, dtype="F32")[1][0]
+        job = build_job([folder], tmp_path / f"out{layers}.gguf", method="passthrough",
+                        dtype="q4_k_m")
+        types[layers] = {t.output.name: t.output.dtype for t in plan_merge(job).tasks}
+    # Layer 22 is not one of the "more bits" layers at either depth.
+    assert types[79]["blk.22.attn_v.weight"] == "Q4_K"
+    assert types[80]["blk.22.attn_v.weight"] == "Q5_K"
+    assert types[80]["blk.22.attn_q.weight"] == "Q4_K"

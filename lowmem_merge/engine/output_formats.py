@@ -80,7 +80,7 @@ class _StagedOutput:
 class SafetensorsOutput(_StagedOutput):
     naming = HF
 
-    def set_shape(self, n_layers: int, tied_embeddings: bool) -> None:
+    def set_shape(self, n_layers: int, tied_embeddings: bool, seventy_b: bool) -> None:
         """Safetensors types do not depend on the model's shape."""
 
     def output_type(self, name: str, shape: tuple[int, ...], input_dtype: str) -> str:
@@ -155,17 +155,20 @@ class GGUFOutput(_StagedOutput):
                              f" {', '.join(FILE_TYPES)}")
         self.n_layers = 0
         self.tied_embeddings = False
+        self.seventy_b = False
         self.file_names: list[str] = []
 
     def output_type(self, name: str, shape: tuple[int, ...], input_dtype: str) -> str:
         qtype = tensor_type(self.file_type, name, shape, self.n_layers,
-                            tied_embeddings=self.tied_embeddings)
+                            tied_embeddings=self.tied_embeddings, is_70b=self.seventy_b)
         return GGMLQuantizationType(qtype).name
 
-    def set_shape(self, n_layers: int, tied_embeddings: bool) -> None:
-        """What the type mixes depend on (depth, a separate output matrix); before planning."""
+    def set_shape(self, n_layers: int, tied_embeddings: bool, seventy_b: bool) -> None:
+        """What the type mixes depend on (depth, a separate output matrix, llama.cpp's 70B
+        rules); before planning."""
         self.n_layers = n_layers
         self.tied_embeddings = tied_embeddings
+        self.seventy_b = seventy_b
 
     def open_writer(self, tasks: list[TensorTask], resume: bool = False) -> SequentialFileWriter:
         outputs = [t.output for t in tasks]

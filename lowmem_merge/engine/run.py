@@ -13,6 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .. import __version__
 from ..errors import Interrupted, MergeError
 from ..io import Model, check_output_path, open_model
+from ..io.gguf_mixes import is_70b
 from ..io.journal import Journal
 from ..io.writeback import window_for
 from ..kernels.gguf_quants import dequantize_into, quantize_into
@@ -26,7 +27,7 @@ from .budget import (
     peak_rss,
 )
 from .job import MergeJob, MergeReport, ParamResolver
-from .naming import filter_names, present
+from .naming import filter_names, model_name_map, present
 from .output_formats import OutputFormat, output_format
 from .pipeline import Loaded, Pipeline, bytes_per_element
 from .progress import Progress
@@ -184,13 +185,20 @@ def _plan(job: MergeJob, models: dict, resolve: ParamResolver, output_type: Outp
     return tasks, None
 
 
-def _output_shape(job: MergeJob, models: dict) -> tuple[int, bool]:
-    """The output's layer count, and whether it lacks a separate output matrix (tied)."""
+def _output_shape(job: MergeJob, models: dict) -> tuple[int, bool, bool]:
+    """The output's layer count, whether it lacks a separate output matrix (tied), and
+    whether llama.cpp would call it a 70B (its type mixes treat those apart)."""
     first = models[job.slices[0].sources[0].model if job.slices else job.experts[0]]
     tied = not {"output.weight", "lm_head.weight"} & set(first.tensors)
     if job.slices:
-        return sum(p.sources[0].end - p.sources[0].start for p in job.slices), tied
-    return layer_count(list(first.tensors)), tied
+        layers = sum(p.sources[0].end - p.sources[0].start for p in job.slices)
+    else:
+        layers = layer_count(list(first.tensors))
+    try:
+        names = model_name_map(first)
+    except MergeError:
+        return layers, tied, False
+    return layers, tied, is_70b(names.architecture, layers, names.n_head, names.n_head_kv)
 
 
 @dataclass
