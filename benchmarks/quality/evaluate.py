@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tasks import BOS_ID, EOS_ID, TASK_NAMES, TASKS, decode, encode, eval_examples
 from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 
 def load_model(folder: str | Path) -> LlamaForCausalLM:
@@ -76,9 +77,10 @@ def main() -> None:
     ap.add_argument("model", type=Path)
     ap.add_argument("--tasks", default=",".join(TASK_NAMES))
     ap.add_argument("--n", type=int, default=100, help="held-out prompts per task")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (see README)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
     check_tokenizer(args.model)
     print(json.dumps(evaluate(args.model, args.tasks.split(","), args.n), indent=1))
 

@@ -120,7 +120,8 @@ def _setup_lines(res: dict[str, Any]) -> list[str]:
         f"{s['merge_seed']}. Sparsifying methods: density 0.5 (breadcrumbs gamma 0.01, "
         "DELLA epsilon 0.15); every other parameter at its default.",
         f"- Machine: {mach['cpu_count']} cores ({mach['affinity']} usable), {mach['processor']}, "
-        f"torch {mach['torch']} with {s['threads']} threads, lowmem_merge commit "
+        f"torch {mach['torch']} with {s['threads']} threads for training and "
+        f"{s['eval_threads']} for evaluation, lowmem_merge with {s['threads']} threads, commit "
         f"{mach['lowmem_merge_commit'][:12] or 'unknown'}.",
         f"- Time: training {tm['train']:.0f} s{reused}, reference evaluation "
         f"{tm['reference_eval']:.0f} s, merges and their evaluation {tm['merge_and_eval']:.0f} s "

@@ -200,7 +200,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--subsets", type=int, default=3, help="random subsets for each N < 8")
     ap.add_argument("--n-eval", type=int, default=100, help="held-out prompts per task")
     ap.add_argument("--methods", default="", help="comma list of row labels (default: all)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training, and "
+                    "lowmem_merge threads")
+    ap.add_argument("--eval-threads", type=int, default=1,
+                    help="torch threads for evaluation: small batches gain nothing from a second "
+                    "thread, and lose much when another process holds a core")
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--subset-seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=0)
@@ -210,12 +214,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     training = train_phase(args)
     timings["train"] = time.perf_counter() - t0
+    torch.set_num_threads(args.eval_threads)
     models = args.work / "models"
     t1 = time.perf_counter()
     reference = reference_phase(models, args)

@@ -23,6 +23,7 @@ import torch
 from tasks import BOS_ID, EOS_ID, PAD, PAD_ID, TASK_NAMES, UNK, VOCAB, encode, train_examples
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 IGNORE = -100
 
@@ -36,7 +37,7 @@ class TrainSettings:
     heads: int = 4
     intermediate: int = 384
     batch: int = 64
-    base_steps: int = 800
+    base_steps: int = 1000
     base_lr: float = 2e-3
     pool: int = 20000  # training pairs drawn per task (examples repeat across steps)
     seed: int = 0
@@ -44,13 +45,13 @@ class TrainSettings:
     # (task, learning rate, steps) per expert: spread on purpose so task vectors differ in norm.
     experts: tuple[tuple[str, float, int], ...] = (
         ("add", 1e-3, 500),
-        ("rev", 5e-4, 300),
-        ("sort", 2e-3, 400),
-        ("ciph", 3e-4, 250),
-        ("cnt", 1e-3, 500),
-        ("par", 2e-3, 300),
-        ("mod", 2e-3, 800),
-        ("brk", 7e-4, 350),
+        ("rev", 3e-4, 300),
+        ("sort", 5e-4, 250),
+        ("ciph", 2e-4, 300),
+        ("cnt", 1e-3, 400),
+        ("par", 5e-4, 300),
+        ("mod", 7e-4, 400),
+        ("brk", 3e-4, 200),
     )
 
 
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=TrainSettings.seed)
     ap.add_argument("--threads", type=int, default=TrainSettings.threads)
     args = ap.parse_args()
+    hf_logging.disable_progress_bar()
     s = TrainSettings(base_steps=args.base_steps, seed=args.seed, threads=args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     train_all(args.out, s)
