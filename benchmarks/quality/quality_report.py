@@ -7,6 +7,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from diagnostics import PROMPTS_PER_TASK
 from tasks import TASK_NAMES
 
 
@@ -53,7 +54,8 @@ def main_table(res: dict[str, Any], key: str = "mean_acc") -> list[str]:
             for n in sizes}
     lines = ["| method | " + " | ".join(f"N={n}" for n in sizes) + " |",
              "| --- | " + " | ".join("--:" for _ in sizes) + " |"]
-    for label in dict.fromkeys(m["label"] for m in res["methods"]):
+    ran = {r["label"] for r in res["merges"]}
+    for label in (m["label"] for m in res["methods"] if m["label"] in ran):
         cells = []
         for n in sizes:
             v = vals.get((label, n), [])
@@ -104,13 +106,15 @@ def experts_table(res: dict[str, Any]) -> list[str]:
 def _setup_lines(res: dict[str, Any]) -> list[str]:
     s, tr, mach, tm = res["settings"], res["training"], res["machine"], res["timings_seconds"]
     ts = tr["settings"]
-    reused = " (reused from an earlier run)" if tr.get("reused") else ""
+    reused = (f" (models reused from an earlier run, whose training took "
+              f"{tr['total_seconds']:.0f} s)" if tr.get("reused") else "")
     subsets = _subsets(res["merges"])
     return [
         f"- Models: Llama, hidden {ts['hidden']}, {ts['layers']} layers, {ts['heads']} heads, "
         f"intermediate {ts['intermediate']}, vocabulary 48 characters and specials, float32. "
         f"Base: {ts['base_steps']} steps (batch {ts['batch']}, lr {ts['base_lr']:g}) on the "
-        f"mixture of all {len(TASK_NAMES)} tasks; one expert per task fine-tuned from it.",
+        f"mixture of all {len(TASK_NAMES)} tasks; one expert per task fine-tuned from it, "
+        f"with {ts.get('replay', 0):.0%} of its examples replayed from that mixture.",
         f"- Evaluation: exact match of greedy decoding on {s['n_eval']} held-out prompts per "
         f"task (eval seed {s['eval_seed']}); a merge is scored on the tasks of its experts.",
         f"- Subsets (subset seed {s['subset_seed']}): "
@@ -144,7 +148,18 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
              "## Task-vector norm of the merge over the experts' mean task-vector norm", "",
              "|merge - base| / mean_i |expert_i - base| over all weights: below 1 is the "
              "shrinkage the paper attributes to Euclidean merges.", "",
-             *main_table(res, "tv_norm_ratio"), ""]
+             *main_table(res, "tv_norm_ratio"), "",
+             "## Activation variance of the merge over its experts' mean", "",
+             f"Hidden states on {PROMPTS_PER_TASK} held-out prompts per task of the merge; "
+             "the ratio per hidden state, averaged over the states after each layer. Below 1: "
+             "the variance shrinkage the paper reports for Euclidean merges.", "",
+             *main_table(res, "variance_ratio_mean"), "",
+             "## Effective rank of the merge's hidden states over its experts' mean", "",
+             "Effective rank = exp(entropy of the normalised singular values of the centred "
+             "token states), per hidden state, averaged as above. Below 1: rank loss.", "",
+             *main_table(res, "rank_ratio_mean"), "",
+             "## Mean angle of the merge's task vector to its experts' (degrees)", "",
+             *main_table(res, "merge_angle"), ""]
     for n in sorted({r["n"] for r in res["merges"]}, reverse=True)[:1]:
         lines += [f"## Per task, N={n} (first subset)", "", *per_task_table(res, n), ""]
     lines += ["## Experts", "", *experts_table(res), ""]

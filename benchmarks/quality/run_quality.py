@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diagnostics import merge_diagnostics
 from evaluate import check_tokenizer, evaluate
+from plots import layer_figure, summary_figure
 from quality_report import write_markdown
 from safetensors.torch import load_file
 from tasks import TASK_NAMES
@@ -131,10 +133,18 @@ def run_case(spec: MethodSpec, n: int, idx: int, tasks: list[str], ctx: dict[str
     rec["acc"] = evaluate(out, tasks, args.n_eval, args.eval_seed)
     rec["mean_acc"] = sum(rec["acc"].values()) / len(tasks)
     rec["eval_seconds"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rec.update(merge_diagnostics(out, ctx["models"], tasks))
+    rec["diag_seconds"] = time.perf_counter() - t1
+    # The product's streamed diagnostics against the flat torch computation of the same ratio.
+    if abs(rec["diag_norm_ratio"] - rec["tv_norm_ratio"]) > 1e-6 * rec["tv_norm_ratio"]:
+        raise RuntimeError(f"{out}: diagnose norm ratio {rec['diag_norm_ratio']} != "
+                           f"{rec['tv_norm_ratio']}")
     shutil.rmtree(out)
     print(f"  {spec.label:18s} N={n} s{idx}: {rec['mean_acc']:.3f} "
-          f"(norm ratio {rec['tv_norm_ratio']:.2f}, merge {rec['merge_seconds']:.1f} s)",
-          flush=True)
+          f"(norm ratio {rec['tv_norm_ratio']:.2f}, variance ratio "
+          f"{rec['variance_ratio_mean']:.2f}, rank ratio {rec['rank_ratio_mean']:.2f}, "
+          f"merge {rec['merge_seconds']:.1f} s)", flush=True)
     return rec
 
 
@@ -196,9 +206,11 @@ def parse_args() -> argparse.Namespace:
                     help="models/ (cached trained models) and merges/ (temporary)")
     ap.add_argument("--results", type=Path, default=HERE, help="where results.json/md go")
     ap.add_argument("--reuse", action="store_true", help="reuse work/models if trained")
+    ap.add_argument("--report-only", action="store_true",
+                    help="redo results.md and the figures from results.json, run nothing")
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
-    ap.add_argument("--subsets", type=int, default=3, help="random subsets for each N < 8")
-    ap.add_argument("--n-eval", type=int, default=100, help="held-out prompts per task")
+    ap.add_argument("--subsets", type=int, default=5, help="random subsets for each N < 8")
+    ap.add_argument("--n-eval", type=int, default=200, help="held-out prompts per task")
     ap.add_argument("--methods", default="", help="comma list of row labels (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training, and "
                     "lowmem_merge threads")
@@ -214,6 +226,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.report_only:
+        write_report(json.loads((args.results / "results.json").read_text()), args.results)
+        return
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -231,6 +246,7 @@ def main() -> None:
     timings["merge_and_eval"] = time.perf_counter() - t2
     timings["merge_only"] = sum(r.get("merge_seconds", 0.0) for r in records)
     timings["merged_eval_only"] = sum(r.get("eval_seconds", 0.0) for r in records)
+    timings["diagnostics_only"] = sum(r.get("diag_seconds", 0.0) for r in records)
     timings["total"] = time.perf_counter() - t0
     results = {"settings": {k: str(v) if isinstance(v, Path) else v
                             for k, v in vars(args).items()},
@@ -239,8 +255,15 @@ def main() -> None:
                "geometry": geometry, "merges": records}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "results.json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, args.results / "results.md")
+    write_report(results, args.results)
     print(f"done in {timings['total']:.0f} s: {args.results / 'results.md'}", flush=True)
+
+
+def write_report(results: dict[str, Any], folder: Path) -> None:
+    """results.md, quality.png and quality_layers.png in ``folder``."""
+    write_markdown(results, folder / "results.md")
+    summary_figure(results, folder / "quality.png")
+    layer_figure(results, folder / "quality_layers.png")
 
 
 if __name__ == "__main__":
