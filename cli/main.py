@@ -58,6 +58,11 @@ def _run_options(command):
                      " or stop with an error."),
         click.option("--resume", is_flag=True, help="Continue an interrupted merge of the"
                      " same command from its journal (finished tensors are not redone)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="Where the kernels run: auto uses a usable GPU"
+                     " (the cuda extra) for large tensors; cuda sends every merged tensor to it."),
+        click.option("--max-gpu-memory", help="GPU memory budget, e.g. 8GiB (default: 80% of"
+                     " the GPU's free memory)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report."),
     ]):
         command = option(command)

@@ -17,13 +17,15 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
           force: bool = False, progress: bool = False, chunk_elements: int | None = None,
           output_format: str | None = None, resume: bool = False,
           checkpoint_bytes: int | None = None, nan_policy: str = "warn",
+          device: str = "auto", max_gpu_memory: str | int | None = None,
           **params: Any) -> MergeReport:
     """Merge models (folders, .safetensors or .gguf files, hub ids) into ``out``.
 
     ``out`` is a safetensors folder, or a GGUF file when it ends in .gguf or
     ``output_format="gguf"``; ``dtype`` may then be a llama.cpp file type such as q4_k_m.
     ``resume`` continues an interrupted merge of the same plan; ``checkpoint_bytes`` sets
-    how much output is written between journal checkpoints.
+    how much output is written between journal checkpoints. ``device`` is "auto" (a usable
+    GPU takes large tensors), "cpu" or "cuda"; ``max_gpu_memory`` caps the GPU's memory.
 
     Method parameters are keyword arguments, e.g. ``merge([a, b], "slerp", "out", t=0.3)``;
     a list is a gradient over layers as in mergekit. ``chunk_elements`` fixes the chunk
@@ -33,7 +35,8 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
                     dtype=dtype, max_memory=max_memory, threads=threads,
                     shard_size=shard_size, force=force, progress=progress,
                     chunk_elements=chunk_elements, output_format=output_format,
-                    resume=resume, checkpoint_bytes=checkpoint_bytes, nan_policy=nan_policy)
+                    resume=resume, checkpoint_bytes=checkpoint_bytes, nan_policy=nan_policy,
+                    device=device, max_gpu_memory=max_gpu_memory)
     return run_merge(job)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine import CHUNK_ALIGN, MergeJob
+from ..engine import CHUNK_ALIGN, DEVICES, MergeJob
 from ..errors import MergeError
 from ..io.gguf_mixes import parse_file_type
 from ..methods import REQUIRED, MergeMethod, get_method
@@ -55,7 +55,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
               force: bool = False, progress: bool = False,
               chunk_elements: int | None = None, seed: int | None = None,
               resume: bool = False, checkpoint_bytes: int | None = None,
-              nan_policy: str = "warn") -> MergeJob:
+              nan_policy: str = "warn", device: str = "auto",
+              max_gpu_memory: str | int | None = None) -> MergeJob:
     merge_method = get_method(method)
     experts = [str(m) for m in models]
     base_ref = str(base) if base is not None else None
@@ -84,6 +85,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
                          f" got {chunk_elements}")
     if nan_policy not in NAN_POLICIES:
         raise MergeError(f"--nan-policy {nan_policy!r}: use {' or '.join(NAN_POLICIES)}")
+    if device not in DEVICES:
+        raise MergeError(f"--device {device!r}: use {', '.join(DEVICES)}")
     if threads is not None and threads < 1:
         raise MergeError(f"--threads must be at least 1, got {threads}")
     format_name = choose_format(output_format, Path(output))
@@ -97,6 +100,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
         shard_size=parse_size(shard_size, "--shard-size") if shard_size is not None else None,
         force=force,
         progress=progress, chunk_elements=chunk_elements, resume=resume, nan_policy=nan_policy,
+        device=device, max_gpu_memory=parse_size(max_gpu_memory, "--max-gpu-memory")
+        if max_gpu_memory is not None else None,
         **({"checkpoint_bytes": checkpoint_bytes} if checkpoint_bytes else {}))
 
 

@@ -5,12 +5,14 @@ statistics passes and apply pass.
 """
 
 from .budget import CHUNK_ALIGN, cgroup_memory_limit, default_max_memory
+from .devices import DEVICES
 from .job import MergeJob, MergeReport, OutputSlice, ParamResolver, SliceSource
 from .preview import MergePreview, preview_merge
 from .run import run_merge
 
 __all__ = [
     "CHUNK_ALIGN",
+    "DEVICES",
     "MergeJob",
     "MergePreview",
     "MergeReport",

@@ -58,6 +58,9 @@ class MergeJob:
     companions_from: str | None = None
     # NaN or Inf in an input: "warn" (once per tensor) or "error" (stop, nothing written).
     nan_policy: str = "warn"
+    # Where the kernels run: "auto" (a GPU for large tensors when one is usable), "cpu", "cuda".
+    device: str = "auto"
+    max_gpu_memory: int | None = None  # None: most of the GPU's free memory
     # Continue an interrupted merge of the same plan from its journal.
     resume: bool = False
     # Output bytes between journal checkpoints (each one syncs the data first).
@@ -79,6 +82,9 @@ class MergeReport:
     max_memory: int
     chunk_elements: int
     streamed_tensors: int
+    device: str = "cpu"
+    gpu_tensors: int = 0
+    gpu_bytes_copied: int = 0
 
     def lines(self) -> list[str]:
         from ..units import format_bytes
@@ -96,4 +102,7 @@ class MergeReport:
             f"time            {self.seconds:.2f} s",
             f"peak RSS        {format_bytes(self.peak_rss)}"
             f" (budget {format_bytes(self.max_memory)}, chunk {self.chunk_elements:,} elements)",
+            f"device          {self.device}"
+            + (f"; {self.gpu_tensors} tensors on the GPU, {format_bytes(self.gpu_bytes_copied)}"
+               " copied to it" if self.gpu_tensors else ""),
         ]

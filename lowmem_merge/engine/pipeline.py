@@ -20,7 +20,9 @@ from .. import kernels
 from ..errors import MergeError
 from ..io import RangeReader
 from ..io.sequential_files import SequentialFileWriter
+from ..kernels.dispatch import running_on
 from ..methods import Chunk, OutChunk
+from .devices import CPU_ONLY, DevicePlan
 from .tensors import TensorTask
 from .values import (
     ENCODINGS,
@@ -114,10 +116,6 @@ def bytes_per_element(tasks: list[TensorTask], n_experts: int) -> int:
     return math.ceil(buffer_widths(tasks, n_experts).per_element())
 
 
-def _buffer(chunk: int, width: float) -> np.ndarray:
-    return np.empty(math.ceil(chunk * width), np.uint8)
-
-
 class NonFiniteCheck:
     """NaN and Inf in the inputs: counted on each tensor's first read, then reported.
 
@@ -153,8 +151,9 @@ class NonFiniteCheck:
 class Pipeline:
     def __init__(self, tasks: list[TensorTask], chunk: int, n_experts: int,
                  writer: SequentialFileWriter, on_progress: Callable[[Loaded], None],
-                 nan_policy: str = "warn") -> None:
+                 nan_policy: str = "warn", devices: DevicePlan = CPU_ONLY) -> None:
         self.tasks = tasks
+        self.devices = devices
         self.nonfinite = NonFiniteCheck(nan_policy)
         self.chunk = chunk
         self.reader = RangeReader()
@@ -167,14 +166,17 @@ class Pipeline:
         self.free_inputs: queue.Queue[InputBuffers] = queue.Queue()
         for _ in range(POOL_SIZE):
             self.free_inputs.put(InputBuffers(
-                _buffer(chunk, widths.stack), _buffer(chunk, widths.base),
-                _buffer(chunk, widths.scratch), _buffer(chunk, widths.spare)))
+                self._buffer(chunk, widths.stack), self._buffer(chunk, widths.base),
+                self._buffer(chunk, widths.scratch), self._buffer(chunk, widths.spare)))
         self.free_outputs: queue.Queue[OutputBuffers] = queue.Queue()
         for _ in range(POOL_SIZE):
-            self.free_outputs.put(OutputBuffers(_buffer(chunk, widths.values),
-                                                _buffer(chunk, widths.encoded)))
+            self.free_outputs.put(OutputBuffers(self._buffer(chunk, widths.values),
+                                                self._buffer(chunk, widths.encoded)))
         self.loaded: queue.Queue[Loaded | None] = queue.Queue()
         self.to_write: queue.Queue[tuple[memoryview, Callable[[], None]] | None] = queue.Queue()
+
+    def _buffer(self, chunk: int, width: float) -> np.ndarray:
+        return self.devices.host_buffer(math.ceil(chunk * width))
 
     # -- plumbing ------------------------------------------------------------
 
@@ -280,22 +282,26 @@ class Pipeline:
     def _compute_all(self) -> None:
         while (loaded := self._get(self.loaded)) is not None:
             self.on_progress(loaded)
-            merge = loaded.task.merge
-            if merge is None:
+            if loaded.task.merge is None:
                 self._emit(loaded.raw, loaded.buffers)
                 continue
-            if loaded.pass_index == ALL_PASSES:
-                for pass_index in range(merge.stat_passes):
-                    merge.observe(pass_index, loaded.chunk)
-                    merge.end_pass(pass_index)
-                self._apply(loaded)
-            elif loaded.pass_index < merge.stat_passes:
-                merge.observe(loaded.pass_index, loaded.chunk)
-                self.free_inputs.put(loaded.buffers)
-                if loaded.last:
-                    merge.end_pass(loaded.pass_index)
-            else:
-                self._apply(loaded)
+            with running_on(self.devices.backend_for(loaded.task)):
+                self._compute(loaded)
+
+    def _compute(self, loaded: Loaded) -> None:
+        merge = loaded.task.merge
+        if loaded.pass_index == ALL_PASSES:
+            for pass_index in range(merge.stat_passes):
+                merge.observe(pass_index, loaded.chunk)
+                merge.end_pass(pass_index)
+            self._apply(loaded)
+        elif loaded.pass_index < merge.stat_passes:
+            merge.observe(loaded.pass_index, loaded.chunk)
+            self.free_inputs.put(loaded.buffers)
+            if loaded.last:
+                merge.end_pass(loaded.pass_index)
+        else:
+            self._apply(loaded)
 
     def _apply(self, loaded: Loaded) -> None:
         task = loaded.task

@@ -50,12 +50,25 @@ class MergePreview:
             f" {format_bytes(sizing.working)}, dirty page cache {format_bytes(2 * sizing.window)},"
             " reserve)",
             f"streamed        {len(streamed)} tensors larger than a chunk",
+            *self._device_lines(),
         ]
         for task in streamed[:SHOWN_STREAMED]:
             chunks = -(-task.numel // task.chunk)
             lines.append(f"  {task.output.name}: {chunks} chunks, {task.passes} passes")
         if len(streamed) > SHOWN_STREAMED:
             lines.append(f"  ... and {len(streamed) - SHOWN_STREAMED} more")
+        return lines
+
+
+    def _device_lines(self) -> list[str]:
+        on_gpu = [t for t in self.plan.tasks if t.device == "cuda"]
+        lines = [f"device          {self.plan.devices.description}"]
+        if on_gpu:
+            elements = sum(t.numel for t in on_gpu)
+            lines.append(f"on the GPU      {len(on_gpu)} tensors, {elements:,} elements")
+            lines += [f"  {t.output.name}" for t in on_gpu[:SHOWN_STREAMED]]
+            if len(on_gpu) > SHOWN_STREAMED:
+                lines.append(f"  ... and {len(on_gpu) - SHOWN_STREAMED} more")
         return lines
 
 

@@ -26,6 +26,7 @@ from .budget import (
     default_budget,
     peak_rss,
 )
+from .devices import CPU_ONLY, DevicePlan, plan_devices
 from .job import MergeJob, MergeReport, ParamResolver
 from .naming import filter_names, model_name_map, present
 from .output_formats import OutputFormat, output_format
@@ -51,6 +52,7 @@ class MergePlan:
     tasks: list[TensorTask]
     layers: int | None  # output layers of a frankenmerge
     n_experts: int
+    devices: DevicePlan = CPU_ONLY
 
 
 def plan_merge(job: MergeJob) -> MergePlan:
@@ -67,7 +69,9 @@ def plan_merge(job: MergeJob) -> MergePlan:
         return job.resolve_params(filter_name(name), position, slice_index)
     tasks, layers = _plan(job, models, resolve, output.output_type)
     n_experts = max((len(t.experts) for t in tasks), default=1)
-    return MergePlan(opened, output, tasks, layers, n_experts)
+    # Before sizing: a CUDA context adds to the process the budget is measured against.
+    devices = plan_devices(tasks, job.device, job.max_gpu_memory)
+    return MergePlan(opened, output, tasks, layers, n_experts, devices)
 
 
 def run_merge(job: MergeJob) -> MergeReport:
@@ -85,7 +89,10 @@ def run_merge(job: MergeJob) -> MergeReport:
         tensors_copied=sum(t.merge is None for t in tasks[resumed:]), tensors_resumed=resumed,
         bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks[resumed:]),
         seconds=time.perf_counter() - started, peak_rss=peak_rss(), max_memory=max_memory,
-        chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks))
+        chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks),
+        device=plan.devices.description,
+        gpu_tensors=sum(t.device == "cuda" for t in tasks[resumed:]),
+        gpu_bytes_copied=getattr(plan.devices.gpu, "copied_to_device", 0))
 
 
 def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing) -> tuple[int, int]:
@@ -101,7 +108,7 @@ def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing) -> tuple[int, 
         journal = Journal(output.staging, plan_fingerprint(writer.files, tasks), job.resume)
         resumed = journal.done
         writer.start(resumed, journal.record, job.checkpoint_bytes, sizing.window)
-        bytes_read = _stream(job, tasks[resumed:], sizing.chunk, plan.n_experts, writer)
+        bytes_read = _stream(job, tasks[resumed:], sizing.chunk, plan, writer)
         writer.check_sizes()
         output.verify()
         journal.close()
@@ -135,7 +142,7 @@ def _close(writer, journal) -> None:
         journal.close()
 
 
-def _stream(job: MergeJob, tasks: list[TensorTask], chunk: int, n_experts: int,
+def _stream(job: MergeJob, tasks: list[TensorTask], chunk: int, plan: MergePlan,
             writer) -> int:
     """Run the pipeline over tasks; the bytes read."""
     progress = Progress(tasks, enabled=job.progress)
@@ -147,7 +154,8 @@ def _stream(job: MergeJob, tasks: list[TensorTask], chunk: int, n_experts: int,
         progress.advance(loaded)
 
     try:
-        Pipeline(tasks, chunk, n_experts, writer, on_progress, job.nan_policy).run()
+        Pipeline(tasks, chunk, plan.n_experts, writer, on_progress, job.nan_policy,
+                 plan.devices).run()
         writer.finish()
     finally:
         progress.close()

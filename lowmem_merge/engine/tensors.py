@@ -35,6 +35,7 @@ class TensorTask:
     context: TensorContext | None = None
     copy_from: TensorInfo | None = None  # the base's (or first expert's) non-float tensor
     chunk: int = 0  # elements per chunk for this tensor, set once the budget is known
+    device: str = "cpu"  # where its kernels run ("cuda": the GPU backend), see devices.py
 
     @property
     def numel(self) -> int:

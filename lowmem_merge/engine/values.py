@@ -20,7 +20,6 @@ from ..kernels.gguf_quants import (
     FALLBACK_WORKING_BYTES,
     decodes_in_numba,
     dequantize_into,
-    quantize_into,
 )
 
 ENCODINGS = {"BF16": kernels.BF16, "F16": kernels.F16, "F32": kernels.F32}
@@ -89,5 +88,5 @@ def read_values(reader: RangeReader, info: TensorInfo, start: int, target: np.nd
 
 def encode_output(dtype: str, values: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Block-quantize float32 values (stored as uint32 bits) into out; the bytes to write."""
-    quantize_into(values.view(np.float32), GGMLQuantizationType[dtype], out)
+    kernels.quantize_into(values.view(np.float32), GGMLQuantizationType[dtype], out)
     return out

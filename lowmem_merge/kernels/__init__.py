@@ -1,17 +1,28 @@
-"""Numba kernels: pure functions on arrays of raw tensor bits."""
+"""Numba kernels: pure functions on arrays of raw tensor bits.
+
+The kernels whose work grows with the tensor are dispatched (see dispatch.py): they run on
+the backend the engine chose for the tensor, the CPU or a CUDA device.
+"""
 
 from .arrays import (
     REDUCTION_BLOCK,
     count_nonfinite,
     decode_array,
     encode_array,
-    gram_blocks,
-    line_gram,
-    line_weighted_sum,
     transcode,
-    weighted_sum,
 )
+from .dispatch import dispatched
 from .scalars import BF16, F16, F32
+
+gram_blocks = dispatched("gram_blocks")
+weighted_sum = dispatched("weighted_sum")
+line_gram = dispatched("line_gram")
+line_weighted_sum = dispatched("line_weighted_sum")
+magnitude_histogram = dispatched("magnitude_histogram")
+threshold_ties = dispatched("threshold_ties")
+task_vector_l1 = dispatched("task_vector_l1")
+task_vector_merge = dispatched("task_vector_merge")
+quantize_into = dispatched("quantize_into")
 
 __all__ = [
     "BF16",
@@ -24,6 +35,11 @@ __all__ = [
     "gram_blocks",
     "line_gram",
     "line_weighted_sum",
+    "magnitude_histogram",
+    "quantize_into",
+    "task_vector_l1",
+    "task_vector_merge",
+    "threshold_ties",
     "transcode",
     "weighted_sum",
 ]

@@ -128,14 +128,14 @@ class SparseTaskVectors(TensorMerge):
             self._l1 = np.zeros((n, 2))
         if kind == "l1":
             partials = np.zeros((-(-chunk.size // self.block), n, 2))
-            sparse.task_vector_l1(chunk.experts, chunk.encoding, chunk.base, chunk.base_encoding,
+            kernels.task_vector_l1(chunk.experts, chunk.encoding, chunk.base, chunk.base_encoding,
                                   self._keep_kind(), chunk.start, self.block,
                                   self._selection(chunk), partials)
             for block in partials:  # in order: the sums do not depend on chunking
                 self._l1 += block
             return
         buckets = None if kind == "high" else self._buckets
-        sparse.magnitude_histogram(chunk.experts, chunk.encoding, chunk.base,
+        kernels.magnitude_histogram(chunk.experts, chunk.encoding, chunk.base,
                                    chunk.base_encoding, buckets, self._parts)
 
     def end_pass(self, pass_index: int) -> None:
@@ -171,7 +171,7 @@ class SparseTaskVectors(TensorMerge):
         if self._keep_kind() == sparse.KEEP_BY_THRESHOLD:
             if chunk.start == 0:
                 self._running = np.zeros((len(self.weights), 2), np.int64)
-            sparse.threshold_ties(chunk.experts, chunk.encoding, chunk.base, chunk.base_encoding,
+            kernels.threshold_ties(chunk.experts, chunk.encoding, chunk.base, chunk.base_encoding,
                                   self.thresholds, ties)
             starts = np.cumsum(ties, axis=0) - ties + self._running
             self._running = self._running + ties.sum(axis=0)
@@ -182,7 +182,7 @@ class SparseTaskVectors(TensorMerge):
 
     def apply(self, chunk: Chunk, out: OutChunk) -> None:
         params = self.context.params
-        sparse.task_vector_merge(
+        kernels.task_vector_merge(
             chunk.experts, chunk.encoding, chunk.base, chunk.base_encoding, self._keep_kind(),
             self.consensus, chunk.start, self.block, self._selection(chunk), self.weights,
             self.scales, bool(params["normalize"]), float(params["lambda"]), out.data,
