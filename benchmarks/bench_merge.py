@@ -128,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="merge GGUF conversions (this file type) of the models")
     parser.add_argument("--gguf-output", metavar="TYPE",
                         help="write a GGUF of this file type instead of safetensors")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="passed to lowmem-merge --device")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.gguf_output and args.warmup < 1:
@@ -286,6 +288,8 @@ def merge_command(args: argparse.Namespace, method: str, experts: list[Path],
         command += ["--base", str(base)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.device:
+        command += ["--device", args.device]
     for param in args.param:
         command += ["--param", param]
     return command

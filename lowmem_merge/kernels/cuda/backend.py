@@ -46,10 +46,12 @@ class CudaKernels:
 
     name = "cuda"
 
-    def __init__(self, budget: int) -> None:
-        if budget <= RESERVED_BYTES:
-            raise ValueError(f"a GPU budget of {budget} bytes leaves nothing for data")
+    def __init__(self, budget: int, reserved: int = RESERVED_BYTES) -> None:
+        if budget <= reserved:
+            raise ValueError(f"a GPU budget of {budget} bytes leaves nothing for data"
+                             f" (at least {reserved} bytes are kept for small arrays)")
         self.budget = budget
+        self.reserved = reserved
         self.streams = [cuda.stream() for _ in range(SLOTS)]
         self._slots: list[Any] = [None] * SLOTS  # uint8 device buffers, grown on demand
         self.copied_to_device = 0
@@ -64,10 +66,10 @@ class CudaKernels:
 
     def span_elements(self, bytes_per_element: int, unit: int) -> int:
         """Elements per span so that both slots fit the budget; a multiple of ``unit``."""
-        per_slot = (self.budget - RESERVED_BYTES) // SLOTS
+        per_slot = (self.budget - self.reserved) // SLOTS
         elements = per_slot // max(bytes_per_element, 1) // unit * unit
         if elements == 0:
-            need = SLOTS * unit * bytes_per_element + RESERVED_BYTES
+            need = SLOTS * unit * bytes_per_element + self.reserved
             raise MemoryError(f"the GPU budget ({self.budget} bytes) cannot hold {unit} elements"
                               f" at {bytes_per_element} bytes each; it needs {need} bytes")
         return elements
