@@ -162,7 +162,8 @@ def merge_table(args: argparse.Namespace) -> tuple[list[str], list]:
     """bench_merge.py for karcher and ties on each device; its JSON gives the floor."""
     import bench_merge
 
-    rows = ["| merge | device | time s | floor s | merge / floor |", "| --- | --- | --: | --: | --: |"]
+    rows = ["| merge | device | time s | floor s | merge / floor |",
+            "| --- | --- | --: | --: | --: |"]
     results = []
     for method, extra in (("karcher", []), ("ties", ["--base", "--param", "density=0.5"])):
         for device in ("cuda", "cpu"):
