@@ -15,7 +15,11 @@ Prints, as markdown:
    already on the device) as a share of the copy bandwidth, median of ``--repeat`` runs;
    the same through the backend (host chunk in, host result out, spans on two streams) as a
    share of the pinned host-to-device rate;
-3. with ``--root``, the TinyLlama-shaped karcher and ties merges (bench_merge.py) with
+3. the size threshold for ``--device auto``: a Gram pass plus a weighted sum (karcher's work
+   on one chunk) on the CPU and through the backend, for tensors of 2^16 to 2^26 elements,
+   and the smallest size from which the GPU is faster (compare with GPU_MIN_ELEMENTS in
+   lowmem_merge/engine/devices.py);
+4. with ``--root``, the TinyLlama-shaped karcher and ties merges (bench_merge.py) with
    ``--device cuda`` and ``--device cpu``, each against the cold-read + write floor.
 """
 
@@ -48,6 +52,14 @@ def timed(run: Callable[[], None], repeat: int) -> float:
         cuda.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def gpu_budget() -> int:
+    """Half the free device memory (the simulator reports infinity: 256 MiB then)."""
+    from numba import cuda
+
+    free = cuda.current_context().get_memory_info().free
+    return int(free * 0.5) if free != float("inf") else 256 * 1024**2
 
 
 def copy_rates(nbytes: int, repeat: int) -> dict[str, float]:
@@ -91,7 +103,7 @@ def kernel_cases(n_experts: int, elements: int) -> list[tuple[str, int, Callable
     d_partials = cuda.device_array(partials.shape)
     coefficients = np.full(n_experts, 1.0 / n_experts)
     d_coefficients = cuda.to_device(coefficients)
-    backend = CudaKernels(int(cuda.current_context().get_memory_info().free * 0.5))
+    backend = CudaKernels(gpu_budget())
     host_stack, host_base = cuda.pinned_array(stack.shape, np.uint16), \
         cuda.pinned_array(base.shape, np.uint16)
     host_stack[:], host_base[:] = stack, base
@@ -158,6 +170,53 @@ def kernel_table(args: argparse.Namespace, rates: dict[str, float]) -> tuple[lis
     return rows, results
 
 
+def threshold_table(args: argparse.Namespace) -> tuple[list[str], list]:
+    """Karcher's kernels on one tensor, CPU against GPU, from small to large."""
+
+    from lowmem_merge.kernels.cuda.backend import CudaKernels
+
+    gpu = CudaKernels(gpu_budget())
+    rows = ["| elements | CPU ms | GPU ms | GPU faster |", "| --: | --: | --: | --- |"]
+    results, rng = [], np.random.default_rng(2)
+    exponents = range(16, 27, 2) if not args.smoke else (12,)
+    for exponent in exponents:
+        n = 1 << exponent
+        cpu_s, gpu_s = _karcher_times(args, n, gpu, rng)
+        results.append({"elements": n, "cpu_s": cpu_s, "gpu_s": gpu_s})
+        rows.append(f"| {n:,} | {cpu_s * 1e3:.2f} | {gpu_s * 1e3:.2f} | "
+                    f"{'yes' if gpu_s < cpu_s else 'no'} |")
+    faster = [r["elements"] for r in results if r["gpu_s"] < r["cpu_s"]]
+    rows.append("")
+    rows.append(f"smallest size measured where the GPU wins: {faster[0]:,} elements" if faster
+                else "the GPU won at no size measured")
+    return rows, results
+
+
+def _karcher_times(args: argparse.Namespace, n: int, gpu, rng) -> tuple[float, float]:
+    """Seconds of one Gram pass and one weighted sum of n elements: CPU, then GPU."""
+    from numba import cuda
+
+    from lowmem_merge import kernels
+    from lowmem_merge.kernels import dispatch
+
+    stack = cuda.pinned_array((args.experts, n), np.uint16)
+    stack[:] = rng.integers(0x3C00, 0x3D00, stack.shape, dtype=np.uint16)
+    out = cuda.pinned_array(n, np.uint16)
+    partials = np.empty((-(-n // kernels.REDUCTION_BLOCK), args.experts, args.experts))
+    weights = np.full(args.experts, 1.0 / args.experts)
+
+    def karcher_work() -> None:
+        kernels.gram_blocks(stack, kernels.BF16, stack[0], kernels.BF16, False, partials)
+        kernels.weighted_sum(stack, kernels.BF16, weights, stack[0], kernels.BF16, 0.0, False,
+                             out, kernels.BF16)
+
+    def on_gpu() -> None:
+        with dispatch.running_on(gpu):
+            karcher_work()
+
+    return timed(karcher_work, args.repeat), timed(on_gpu, args.repeat)
+
+
 def merge_table(args: argparse.Namespace) -> tuple[list[str], list]:
     """bench_merge.py for karcher and ties on each device; its JSON gives the floor."""
     import bench_merge
@@ -192,7 +251,7 @@ def parse_args() -> argparse.Namespace:
                         help="tiny sizes, to check the script (under NUMBA_ENABLE_CUDASIM=1)")
     args = parser.parse_args()
     if args.smoke:
-        args.elements, args.repeat = 2 * 8192 + 300, 1
+        args.elements, args.repeat = 1100, 1
     args.json_dir = (args.json or Path("cuda.json")).resolve().parent
     return args
 
@@ -209,7 +268,8 @@ def main() -> None:
              f" host-to-device {rates['pinned_to_device'] / 1e9:.1f} GB/s pinned,"
              f" {rates['pageable_to_device'] / 1e9:.1f} GB/s pageable", ""]
     kernel_rows, kernels_measured = kernel_table(args, rates)
-    lines += kernel_rows
+    threshold_rows, threshold = threshold_table(args)
+    lines += [*kernel_rows, "", *threshold_rows]
     merges = []
     if args.root:
         merge_rows, merges = merge_table(args)
@@ -217,7 +277,8 @@ def main() -> None:
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"device": name, "copy_Bps": rates,
-                                         "kernels": kernels_measured, "merges": merges},
+                                         "kernels": kernels_measured, "threshold": threshold,
+                                         "merges": merges},
                                         indent=1) + "\n")
 
 
