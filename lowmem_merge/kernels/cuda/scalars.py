@@ -1,14 +1,16 @@
 """Device twins of kernels/scalars.py, equal bit for bit.
 
-Each function mirrors its CPU namesake line for line, so a difference in one is
-easy to spot in the other. Bit casts go through a one-element local array view:
-NVVM lowers it to a register move (no local memory) and the simulator runs it as
-a numpy view, so one source serves both. libdevice's float_as_int and friends
-would be as cheap on a GPU but are stubs returning None in the simulator.
+Each function mirrors its CPU namesake, so a difference in one is easy to spot in
+the other; decoding returns float32 bits rather than a float, so that transcode
+never holds a signalling NaN in a float register. Bit casts go through a
+one-element local array view: NVVM lowers it to a register move (no local memory)
+and the simulator runs it as a numpy view, so one source serves both. libdevice's
+float_as_int and friends would be as cheap on a GPU but are stubs returning None
+in the simulator.
 """
 
 import numpy as np
-from numba import config, cuda, float64
+from numba import config, cuda
 from numba.cuda import libdevice
 
 from ..scalars import BF16, F16, F32
@@ -21,13 +23,15 @@ from ..scalars import BF16, F16, F32
 # `total += c * x` does compile to fma.rn.f64. The CPU kernels never fuse, so
 # products that feed a sum go through mul_rn: libdevice __nv_dmul_rn, which is
 # PTX mul.rn.f64, an explicitly rounded multiply that neither NVVM nor ptxas
-# fuses. It costs one extra FP64 instruction per product: free on data-centre
-# GPUs, where these kernels are memory bound, and at most a factor 1.5-2 in
-# FP64-bound kernels on consumer GPUs with 1/64-rate FP64.
+# fuses (PTX ISA: only mul/add without a rounding modifier may be fused). It costs
+# one extra FP64 instruction per product: nothing on data-centre GPUs, where these
+# kernels are memory bound, and up to a factor 1.5-2 where FP64 is the bottleneck,
+# on consumer GPUs with 1/64-rate FP64. tests/test_cuda_arrays.py checks the PTX
+# on a real GPU.
 if config.ENABLE_CUDASIM:
 
     def mul_rn(a: float, b: float) -> float:
-        """Python (and numpy) floats never fuse, so a plain product is exact."""
+        """Python and NumPy floats never fuse: a plain product is the CPU's."""
         return a * b
 
 else:
@@ -46,6 +50,22 @@ def bits_from_f32(value):
     cell = cuda.local.array(1, np.float32)
     cell[0] = value
     return cell.view(np.uint32)[0]
+
+
+@cuda.jit(device=True, inline="always")
+def bits_from_f64(value):
+    cell = cuda.local.array(1, np.float64)
+    cell[0] = value
+    return cell.view(np.uint64)[0]
+
+
+@cuda.jit(device=True, inline="always")
+def f32_nan_bits(value):
+    """float32 bits of a float64 NaN narrowed as x86 and Arm CPUs do: quieted, with its sign
+    and the top of its payload. A GPU's conversion may give a canonical NaN instead."""
+    bits = bits_from_f64(value)
+    return np.uint32(((bits >> np.uint64(32)) & np.uint64(0x80000000)) | np.uint64(0x7FC00000)
+                     | ((bits >> np.uint64(29)) & np.uint64(0x3FFFFF)))
 
 
 @cuda.jit(device=True, inline="always")
@@ -82,7 +102,7 @@ def decode(raw, encoding):
 
 @cuda.jit(device=True, inline="always")
 def decode64(raw, encoding):
-    return float64(decode(raw, encoding))
+    return np.float64(decode(raw, encoding))
 
 
 @cuda.jit(device=True, inline="always")
@@ -90,7 +110,7 @@ def f32_round_to_odd_bits(value):
     """float64 -> float32 bits rounded to odd (see kernels/scalars.py)."""
     narrowed = np.float32(value)
     bits = bits_from_f32(narrowed)
-    widened = float64(narrowed)
+    widened = np.float64(narrowed)
     if widened != value and value == value:
         if abs(widened) > abs(value):
             bits = np.uint32(bits - np.uint32(1))
@@ -154,6 +174,8 @@ def narrow_f32_bits(bits, encoding):
 @cuda.jit(device=True, inline="always")
 def encode(value, encoding):
     """Narrow a float64 to the stored bits of ``encoding`` with one RNE rounding."""
+    if value != value:
+        return narrow_f32_bits(f32_nan_bits(value), encoding)
     if encoding == F32:
         return bits_from_f32(np.float32(value))
     odd = f32_round_to_odd_bits(value)
