@@ -92,10 +92,14 @@ class SafetensorsOutput(_StagedOutput):
 
     def open_writer(self, tasks: list[TensorTask], resume: bool = False) -> SequentialFileWriter:
         self.staged = OutputFolder(self.job.output, resume)
-        self.writer = ShardedSafetensorsWriter(
-            self.staged.staging, [t.output for t in tasks], self.job.shard_size or 5 * 1000**3,
-            {"format": "pt", **provenance(self.job)})
+        self.writer = self.planned_writer(tasks, self.staged.staging)
         return self.writer
+
+    def planned_writer(self, tasks: list[TensorTask], folder: Path) -> SequentialFileWriter:
+        """The files of the output, planned in ``folder`` (nothing is written yet)."""
+        return ShardedSafetensorsWriter(
+            folder, [t.output for t in tasks], self.job.shard_size or 5 * 1000**3,
+            {"format": "pt", **provenance(self.job)})
 
     @staticmethod
     def _read_tensors(path: Path) -> dict:
@@ -171,17 +175,20 @@ class GGUFOutput(_StagedOutput):
         self.seventy_b = seventy_b
 
     def open_writer(self, tasks: list[TensorTask], resume: bool = False) -> SequentialFileWriter:
-        outputs = [t.output for t in tasks]
-        metadata = self._metadata(layer_count([t.output.name for t in tasks]))
         stem = self.job.output.name.removesuffix(".gguf")
-        groups = gguf_file_groups(outputs, self.job.shard_size)
+        groups = gguf_file_groups([t.output for t in tasks], self.job.shard_size)
         _check_replaced(self.job.output.parent, gguf_file_names(stem, len(groups)),
                         self.job.force)
         self.staged = OutputFiles(self.job.output, resume)
-        self.writer = GGUFFileWriter(self.staged.staging, stem, outputs, metadata,
-                                     self.job.shard_size)
+        self.writer = self.planned_writer(tasks, self.staged.staging)
         self.file_names = self.writer.file_names
         return self.writer
+
+    def planned_writer(self, tasks: list[TensorTask], folder: Path) -> SequentialFileWriter:
+        """The files of the output, planned in ``folder`` (nothing is written yet)."""
+        metadata = self._metadata(layer_count([t.output.name for t in tasks]))
+        return GGUFFileWriter(folder, self.job.output.name.removesuffix(".gguf"),
+                              [t.output for t in tasks], metadata, self.job.shard_size)
 
     @staticmethod
     def _read_tensors(path: Path) -> dict:

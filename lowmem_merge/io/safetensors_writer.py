@@ -72,9 +72,8 @@ class ShardedSafetensorsWriter(SequentialFileWriter):
             PlannedFile(s.file_name, _header_bytes(s, metadata), [t.nbytes for t in s.tensors])
             for s in self.shards])
 
-    def finish(self) -> None:
-        """Close the last shard (it must be complete) and write the index if sharded."""
-        super().finish()
+    def write_index(self) -> None:
+        """The index of the shards, when there are several."""
         if len(self.shards) > 1:
             weight_map = {t.name: s.file_name for s in self.shards for t in s.tensors}
             total = sum(s.data_bytes for s in self.shards)

@@ -182,12 +182,16 @@ class SequentialFileWriter:
             self._on_checkpoint(self._at.tensors_before + self._at.tensor)
 
     def finish(self) -> None:
-        """Close the last file; every file must be complete."""
+        """Close the last file (every file must be complete), then write any index."""
         if not self._started:
             self.start()
         while self._at.file < len(self.files) - 1:
             self._open_next()
         self._close_current()
+        self.write_index()
+
+    def write_index(self) -> None:
+        """A file naming the others, for formats that have one (written last)."""
 
     def check_sizes(self) -> None:
         """Every file holds exactly its header and all its tensors' bytes."""
