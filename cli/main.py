@@ -63,6 +63,12 @@ def _run_options(command):
                      " (the cuda extra) for large tensors; cuda sends every merged tensor to it."),
         click.option("--max-gpu-memory", help="GPU memory budget, e.g. 8GiB (default: 80% of"
                      " the GPU's free memory)."),
+        click.option("--executor", type=click.Choice(["local", "ray"]),
+                     help="local (default), or ray: a task per output file on a Ray cluster."),
+        click.option("--ray-address", help="Ray cluster to join (auto or HOST:PORT; default:"
+                     " start a local Ray with --threads CPUs)."),
+        click.option("--ray-task-cpus", type=int, help="CPUs each Ray task asks for and"
+                     " computes with (default 1)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report."),
     ]):
         command = option(command)

@@ -18,7 +18,8 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
           output_format: str | None = None, resume: bool = False,
           checkpoint_bytes: int | None = None, nan_policy: str = "warn",
           device: str = "auto", max_gpu_memory: str | int | None = None,
-          **params: Any) -> MergeReport:
+          executor: str | None = None, ray_address: str | None = None,
+          ray_task_cpus: int | None = None, **params: Any) -> MergeReport:
     """Merge models (folders, .safetensors or .gguf files, hub ids) into ``out``.
 
     ``out`` is a safetensors folder, or a GGUF file when it ends in .gguf or
@@ -26,6 +27,8 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
     ``resume`` continues an interrupted merge of the same plan; ``checkpoint_bytes`` sets
     how much output is written between journal checkpoints. ``device`` is "auto" (a usable
     GPU takes large tensors), "cpu" or "cuda"; ``max_gpu_memory`` caps the GPU's memory.
+    ``executor="ray"`` runs a task per output file on Ray (``ray_address``, or a local Ray
+    with ``threads`` CPUs; each task asks for ``ray_task_cpus``).
 
     Method parameters are keyword arguments, e.g. ``merge([a, b], "slerp", "out", t=0.3)``;
     a list is a gradient over layers as in mergekit. ``chunk_elements`` fixes the chunk
@@ -36,7 +39,8 @@ def merge(models: Sequence[str | Path], method: str = "karcher", out: str | Path
                     shard_size=shard_size, force=force, progress=progress,
                     chunk_elements=chunk_elements, output_format=output_format,
                     resume=resume, checkpoint_bytes=checkpoint_bytes, nan_policy=nan_policy,
-                    device=device, max_gpu_memory=max_gpu_memory)
+                    device=device, max_gpu_memory=max_gpu_memory, executor=executor,
+                    ray_address=ray_address, ray_task_cpus=ray_task_cpus)
     return run_merge(job)
 
 

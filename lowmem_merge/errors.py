@@ -16,3 +16,7 @@ class InputFileError(MergeError):
 
 class Interrupted(MergeError):
     """The user stopped the merge; the message says how to resume it."""
+
+
+class TaskFailed(MergeError):
+    """A task of a distributed merge failed; the files already finished are kept."""

@@ -17,8 +17,11 @@ from .plan import build_job
 from .settings import check_setting, resolve
 from .yaml_lines import LinedDict, load_yaml
 
+# lowmem-merge's own keys: how to run the merge (the command line's options win).
+RUN_KEYS = {"executor", "ray_address"}
 TOP_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype",
-            "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "modules", "name"}
+            "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "modules", "name",
+            *RUN_KEYS}
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -65,6 +68,9 @@ def job_from_yaml(path: str | Path, output: str | Path, **options: Any) -> Merge
     base = where.text(config, "base_model") if "base_model" in config else None
     params = _parameters(where, config, "parameters", method, model_level=False)
     options = {**options, "dtype": _out_dtype(where, config, Path(output))}
+    for key in RUN_KEYS:
+        if options.get(key) is None and key in config:
+            options[key] = where.text(config, key)
     if ("models" in config) == ("slices" in config):
         raise MergeError(f"{path}: give exactly one of 'models' or 'slices'")
     build = _models_job if "models" in config else _slices_job

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine import CHUNK_ALIGN, DEVICES, MergeJob
+from ..engine import CHUNK_ALIGN, DEVICES, EXECUTORS, MergeJob
 from ..errors import MergeError
 from ..io.gguf_mixes import parse_file_type
 from ..methods import REQUIRED, MergeMethod, get_method
@@ -56,7 +57,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
               chunk_elements: int | None = None, seed: int | None = None,
               resume: bool = False, checkpoint_bytes: int | None = None,
               nan_policy: str = "warn", device: str = "auto",
-              max_gpu_memory: str | int | None = None) -> MergeJob:
+              max_gpu_memory: str | int | None = None, executor: str | None = None,
+              ray_address: str | None = None, ray_task_cpus: int | None = None) -> MergeJob:
     merge_method = get_method(method)
     experts = [str(m) for m in models]
     base_ref = str(base) if base is not None else None
@@ -87,6 +89,8 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
         raise MergeError(f"--nan-policy {nan_policy!r}: use {' or '.join(NAN_POLICIES)}")
     if device not in DEVICES:
         raise MergeError(f"--device {device!r}: use {', '.join(DEVICES)}")
+    executor = executor or "local"
+    _check_executor(executor, ray_address, ray_task_cpus)
     if threads is not None and threads < 1:
         raise MergeError(f"--threads must be at least 1, got {threads}")
     format_name = choose_format(output_format, Path(output))
@@ -102,7 +106,20 @@ def build_job(models: Sequence[str | Path], output: str | Path, *, method: str =
         progress=progress, chunk_elements=chunk_elements, resume=resume, nan_policy=nan_policy,
         device=device, max_gpu_memory=parse_size(max_gpu_memory, "--max-gpu-memory")
         if max_gpu_memory is not None else None,
+        executor=executor, ray_address=ray_address, ray_task_cpus=ray_task_cpus or 1,
         **({"checkpoint_bytes": checkpoint_bytes} if checkpoint_bytes else {}))
+
+
+def _check_executor(executor: str, ray_address: str | None, task_cpus: int | None) -> None:
+    if executor not in EXECUTORS:
+        raise MergeError(f"--executor {executor!r}: use {' or '.join(EXECUTORS)}")
+    if executor != "ray" and (ray_address or task_cpus):
+        raise MergeError("--ray-address and --ray-task-cpus need --executor ray")
+    if task_cpus is not None and task_cpus < 1:
+        raise MergeError(f"--ray-task-cpus must be at least 1, got {task_cpus}")
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise MergeError("--executor ray needs Ray, which is not installed:"
+                         " pip install 'lowmem-merge[ray]'")
 
 
 def _check_params(method: MergeMethod, global_params: dict[str, Any],

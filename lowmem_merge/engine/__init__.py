@@ -6,13 +6,14 @@ statistics passes and apply pass.
 
 from .budget import CHUNK_ALIGN, cgroup_memory_limit, default_max_memory
 from .devices import DEVICES
-from .job import MergeJob, MergeReport, OutputSlice, ParamResolver, SliceSource
+from .job import EXECUTORS, MergeJob, MergeReport, OutputSlice, ParamResolver, SliceSource
 from .preview import MergePreview, preview_merge
 from .run import run_merge
 
 __all__ = [
     "CHUNK_ALIGN",
     "DEVICES",
+    "EXECUTORS",
     "MergeJob",
     "MergePreview",
     "MergeReport",

@@ -16,6 +16,9 @@ ParamResolver = Callable[[str, float, int | None],
                          tuple[dict[str, Any], tuple[dict[str, Any], ...]]]
 
 
+EXECUTORS = ("local", "ray")
+
+
 @dataclass(frozen=True)
 class SliceSource:
     """Layers [start, end) of one model, an input of an output slice."""
@@ -61,6 +64,10 @@ class MergeJob:
     # Where the kernels run: "auto" (a GPU for large tensors when one is usable), "cpu", "cuda".
     device: str = "auto"
     max_gpu_memory: int | None = None  # None: most of the GPU's free memory
+    # "local", or "ray": a task per output file on a Ray cluster (engine/distributed.py).
+    executor: str = "local"
+    ray_address: str | None = None  # None: start a local Ray with `threads` CPUs
+    ray_task_cpus: int = 1  # CPUs each Ray task asks for (and its compute threads)
     # Continue an interrupted merge of the same plan from its journal.
     resume: bool = False
     # Output bytes between journal checkpoints (each one syncs the data first).

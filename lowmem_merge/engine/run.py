@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .. import __version__
-from ..errors import Interrupted, MergeError
+from ..errors import Interrupted, MergeError, TaskFailed
 from ..io import Model, check_output_path, open_model
 from ..io.gguf_mixes import is_70b
 from ..io.journal import Journal
@@ -95,50 +95,70 @@ def run_merge(job: MergeJob) -> MergeReport:
         gpu_bytes_copied=getattr(plan.devices.gpu, "copied_to_device", 0))
 
 
-def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing) -> tuple[int, int]:
-    """Stream the tasks a journal has not recorded into the output, then commit it.
+@dataclass
+class Written:
+    """How much of the output is durably on disk (for the message when a merge stops)."""
 
-    Returns (tensors found done by --resume, bytes read). An interruption or an
-    I/O error (a full disk) keeps the work so far for --resume.
+    tensors: int = 0
+
+
+def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing) -> tuple[int, int]:
+    """Produce the output's files (here, or on Ray), check them, then commit the output.
+
+    Returns (tensors found done by --resume, bytes read). An interruption, an I/O error
+    (a full disk) or a failed distributed task keeps the work so far for --resume.
     """
     output, tasks = plan.output, plan.tasks
-    journal = writer = None
+    writer, written = None, Written()
     try:
         writer = output.open_writer(tasks, job.resume)
-        journal = Journal(output.staging, plan_fingerprint(writer.files, tasks), job.resume)
-        resumed = journal.done
-        writer.start(resumed, journal.record, job.checkpoint_bytes, sizing.window)
-        bytes_read = _stream(job, tasks[resumed:], sizing.chunk, plan, writer)
+        if job.executor == "ray":
+            from .distributed import produce_on_ray
+            resumed, bytes_read = produce_on_ray(job, plan, writer, written)
+        else:
+            resumed, bytes_read = _produce_here(job, plan, sizing, writer, written)
         writer.check_sizes()
         output.verify()
-        journal.close()
         output.commit(tasks, plan.layers)
         return resumed, bytes_read
-    except (KeyboardInterrupt, OSError) as exc:
-        _close(writer, journal)
+    except (KeyboardInterrupt, OSError, TaskFailed) as exc:
+        if writer is not None:
+            writer.abort()
         if output.staged is None:  # nothing was made yet
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, (KeyboardInterrupt, TaskFailed)):
                 raise
             raise MergeError(f"{exc.filename or job.output}: {exc.strerror or exc}") from None
         output.keep()
-        done = journal.done if journal else 0
-        kept = f"{done} of {len(tasks)} tensors are kept in {output.staging}"
+        kept = f"{written.tensors} of {len(tasks)} tensors are kept in {output.staging}"
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(f"interrupted; {kept}: run the same command with --resume to"
                               " continue") from None
-        raise MergeError(f"{exc.filename or output.staging}: {exc.strerror or exc}; {kept}:"
-                         " fix this and run the same command with --resume, or delete"
-                         " that folder") from None
+        cause = str(exc) if isinstance(exc, TaskFailed) \
+            else f"{exc.filename or output.staging}: {exc.strerror or exc}"
+        raise MergeError(f"{cause}; {kept}: fix this and run the same command with --resume,"
+                         " or delete that folder") from None
     except BaseException:
-        _close(writer, journal)
+        if writer is not None:
+            writer.abort()
         output.abort()
         raise
 
 
-def _close(writer, journal) -> None:
-    if writer is not None:
-        writer.abort()
-    if journal is not None:
+def _produce_here(job: MergeJob, plan: MergePlan, sizing: Sizing, writer,
+                  written: Written) -> tuple[int, int]:
+    """Stream the tasks the journal has not recorded into the files, in this process."""
+    tasks = plan.tasks
+    journal = Journal(plan.output.staging, plan_fingerprint(writer.files, tasks), job.resume)
+    written.tensors = resumed = journal.done
+
+    def on_checkpoint(tensors: int) -> None:
+        journal.record(tensors)
+        written.tensors = tensors
+
+    try:
+        writer.start(resumed, on_checkpoint, job.checkpoint_bytes, sizing.window)
+        return resumed, _stream(job, tasks[resumed:], sizing.chunk, plan, writer)
+    finally:
         journal.close()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import MergeError
 
 JOURNAL_NAME = "journal.jsonl"
+FILES_JOURNAL_NAME = "files-journal.jsonl"
 
 
 class Journal:
@@ -49,7 +50,9 @@ def _create(path: Path, fingerprint: str) -> None:
     os.replace(temporary, path)
 
 
-def _read_done(path: Path, fingerprint: str) -> int:
+def _entries(path: Path, fingerprint: str) -> list[dict] | None:
+    """The checkpoint lines after the header, up to the first torn one; None if the header
+    itself is torn (the journal is then made anew)."""
     lines = path.read_bytes().split(b"\n")
     try:
         header = json.loads(lines[0])
@@ -57,15 +60,66 @@ def _read_done(path: Path, fingerprint: str) -> int:
         header = None
     if not isinstance(header, dict):  # torn by a crash before anything was recorded
         _create(path, fingerprint)
-        return 0
+        return None
     if header.get("fingerprint") != fingerprint:
         raise MergeError(
             f"{path.parent}: the interrupted merge there was for a different plan (inputs,"
             " method, parameters or output type changed); run without --resume to start over")
-    done = 0
+    entries = []
     for line in lines[1:]:
         try:
-            done = int(json.loads(line)["tensors"])
-        except (ValueError, KeyError, TypeError):
+            entry = json.loads(line)
+        except ValueError:
             break  # a line torn by the crash ends the journal
+        if not isinstance(entry, dict):
+            break
+        entries.append(entry)
+    return entries
+
+
+def _read_done(path: Path, fingerprint: str) -> int:
+    done = 0
+    for entry in _entries(path, fingerprint) or []:
+        try:
+            done = int(entry["tensors"])
+        except (ValueError, KeyError, TypeError):
+            break
+    return done
+
+
+class FileJournal:
+    """The journal of an output whose files are written independently (one per task).
+
+    A line per finished file, with its size and SHA-256, appended and fsynced after the
+    file was synced and renamed into place. The first line is the plan's fingerprint, as in
+    Journal; a file listed here is never written again by --resume.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str, resume: bool) -> None:
+        self.path = folder / FILES_JOURNAL_NAME
+        self.done: dict[str, dict] = {}
+        if resume and self.path.is_file():
+            self.done = _read_files(self.path, fingerprint)
+        else:
+            _create(self.path, fingerprint)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def record(self, entry: dict) -> None:
+        """``entry`` (file, bytes, sha256, ...) is durably on disk under its final name."""
+        os.write(self._fd, (json.dumps(entry) + "\n").encode())
+        os.fsync(self._fd)
+        self.done[entry["file"]] = entry
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _read_files(path: Path, fingerprint: str) -> dict[str, dict]:
+    done = {}
+    for entry in _entries(path, fingerprint) or []:
+        if not isinstance(entry.get("file"), str):
+            break
+        done[entry["file"]] = entry
     return done

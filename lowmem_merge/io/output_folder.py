@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 
 from ..errors import MergeError
-from .journal import JOURNAL_NAME
+from .journal import FILES_JOURNAL_NAME, JOURNAL_NAME
 
 log = logging.getLogger(__name__)
 STAGING_SUFFIX = ".partial"
 LOCK_NAME = ".lock"
-BOOKKEEPING = (LOCK_NAME, JOURNAL_NAME)  # files of the staging folder that are not output
+# Files of the staging folder that are not output.
+BOOKKEEPING = (LOCK_NAME, JOURNAL_NAME, FILES_JOURNAL_NAME)
 
 
 def check_output_path(target: Path, files: list[Path], folders: list[Path],
@@ -76,7 +77,7 @@ class OutputFolder:
     def commit(self) -> None:
         for name in BOOKKEEPING:
             (self.staging / name).unlink(missing_ok=True)
-        _fsync(self.staging)
+        fsync_path(self.staging)
         self._release_lock()
         if self.target.exists():
             retired = self.target.parent / f".{self.target.name}.replaced-{os.getpid()}"
@@ -85,7 +86,7 @@ class OutputFolder:
             shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
         else:
             os.rename(self.staging, self.target)
-        _fsync(self.target.parent)
+        fsync_path(self.target.parent)
 
     def keep(self) -> None:
         """Leave the work so far for --resume."""
@@ -96,7 +97,8 @@ class OutputFolder:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Sync a file's or a folder's entry to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -116,10 +118,10 @@ class OutputFiles:
     def commit(self, names: list[str]) -> None:
         parent = self.folder.target.parent
         for name in names:
-            _fsync(self.staging / name)
+            fsync_path(self.staging / name)
         for name in reversed(names):
             os.replace(self.staging / name, parent / name)
-        _fsync(parent)
+        fsync_path(parent)
         self.folder.abort()  # only the bookkeeping is left
 
     def keep(self) -> None:
