@@ -130,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write a GGUF of this file type instead of safetensors")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="passed to lowmem-merge --device")
+    parser.add_argument("--executor", choices=["local", "ray"],
+                        help="passed to lowmem-merge --executor (ray: a local Ray with"
+                        " --threads CPUs, one task per output shard)")
+    parser.add_argument("--shard-size", help="passed to lowmem-merge --shard-size")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.gguf_output and args.warmup < 1:
@@ -290,6 +294,10 @@ def merge_command(args: argparse.Namespace, method: str, experts: list[Path],
         command += ["--threads", str(args.threads)]
     if args.device:
         command += ["--device", args.device]
+    if args.executor:
+        command += ["--executor", args.executor]
+    if args.shard_size:
+        command += ["--shard-size", args.shard_size]
     for param in args.param:
         command += ["--param", param]
     return command
