@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numba
+from tqdm import tqdm
 
 from ..errors import MergeError, TaskFailed
 from ..io.journal import FileJournal
@@ -116,6 +117,8 @@ def _run_tasks(ray: Any, job: MergeJob, files: list[PlannedFile], pending: list[
                        resume=False)
     running = {remote.remote(task_job, index, str(staging), digest): index for index in pending}
     bytes_read = 0
+    bar = tqdm(total=len(files), initial=len(files) - len(pending), unit="file",
+               desc="merging on Ray", dynamic_ncols=True, leave=False, disable=not job.progress)
     try:
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)
@@ -124,9 +127,11 @@ def _run_tasks(ray: Any, job: MergeJob, files: list[PlannedFile], pending: list[
             journal.record(entry)
             written.tensors += entry["tensors"]
             bytes_read += entry["bytes_read"]
+            bar.update(1)
             log.info("%s: written by a Ray task on %s (%d of %d files left)", entry["file"],
                      entry["node"], len(running), len(files))
     finally:
+        bar.close()
         for ref in running:
             ray.cancel(ref, force=True)
     return bytes_read

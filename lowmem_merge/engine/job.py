@@ -92,6 +92,7 @@ class MergeReport:
     device: str = "cpu"
     gpu_tensors: int = 0
     gpu_bytes_copied: int = 0
+    executor: str = "local"
 
     def lines(self) -> list[str]:
         from ..units import format_bytes
@@ -112,4 +113,5 @@ class MergeReport:
             f"device          {self.device}"
             + (f"; {self.gpu_tensors} tensors on the GPU, {format_bytes(self.gpu_bytes_copied)}"
                " copied to it" if self.gpu_tensors else ""),
-        ]
+        ] + ([f"executor        {self.executor} (a task per output file)"]
+             if self.executor != "local" else [])

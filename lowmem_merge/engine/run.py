@@ -92,7 +92,8 @@ def run_merge(job: MergeJob) -> MergeReport:
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks),
         device=plan.devices.description,
         gpu_tensors=sum(t.device == "cuda" for t in tasks[resumed:]),
-        gpu_bytes_copied=getattr(plan.devices.gpu, "copied_to_device", 0))
+        gpu_bytes_copied=getattr(plan.devices.gpu, "copied_to_device", 0),
+        executor=job.executor)
 
 
 @dataclass
