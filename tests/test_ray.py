@@ -4,6 +4,7 @@ killed driver. Runs on a local Ray instance with two worker CPUs."""
 from __future__ import annotations
 
 import filecmp
+import importlib.util
 import json
 import os
 import signal
@@ -19,7 +20,9 @@ import lowmem_merge
 from lowmem_merge.errors import MergeError
 from lowmem_merge.synthetic import LlamaShape, write_experts
 
-ray = pytest.importorskip("ray", reason="ray is not installed (the ray or test extra)")
+# Imported only when these tests run: Ray is heavy, and other tests measure this process.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                reason="ray is not installed (the ray or test extra)")
 
 SHAPE = LlamaShape(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
@@ -28,6 +31,8 @@ SHARD = "250KB"  # about ten output files
 
 @pytest.fixture(scope="module")
 def cluster():
+    import ray
+
     context = ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield context.address_info["gcs_address"]
     ray.shutdown()
