@@ -86,10 +86,14 @@ class CudaKernels:
         for index, lo in enumerate(range(0, max(n, 1), step)):
             yield Span(lo, min(n, lo + step), index % SLOTS)
 
-    def _upload(self, span: Span, arrays: list[np.ndarray | None]) -> list[Any]:
-        """Copies span.lo:span.hi of each host array (rows of 2-D ones) into the slot."""
+    def _upload(self, span: Span, arrays: list[np.ndarray | None],
+                out: np.ndarray | None = None, out_span: Span | None = None) -> list[Any]:
+        """Copies span.lo:span.hi of each host array (rows of 2-D ones) into the slot, and
+        lays out room for ``out``'s rows out_span.lo:out_span.hi after them (appended to
+        the views returned); all in the slot's one buffer."""
         sizes = [0 if a is None else _rows(a) * span.width * a.itemsize for a in arrays]
-        buffer = self._slot_buffer(span.slot, sum(_aligned(s) for s in sizes))
+        out_bytes = 0 if out is None else _out_row_bytes(out) * (out_span or span).width
+        buffer = self._slot_buffer(span.slot, sum(_aligned(s) for s in sizes) + out_bytes)
         stream = self.streams[span.slot]
         views, offset = [], 0
         for host, size in zip(arrays, sizes, strict=True):
@@ -106,6 +110,10 @@ class CudaKernels:
             self.copied_to_device += size
             views.append(view)
             offset += _aligned(size)
+        if out is not None:
+            view = buffer[offset:offset + out_bytes].view(out.dtype)
+            views.append(view.reshape((out_span or span).width, *out.shape[1:])
+                         if out.ndim > 1 else view)
         return views
 
     def _to_device(self, host: np.ndarray) -> Any:
@@ -143,8 +151,7 @@ class CudaKernels:
         base_in = base if around_base else None
         per_element = _element_bytes(stack, base_in) + out.itemsize
         for span in self._spans(stack.shape[1], per_element, 1):
-            d_stack, d_base = self._upload(span, [stack, base_in])
-            d_out = self._span_output(span, out, [stack, base_in])
+            d_stack, d_base, d_out = self._upload(span, [stack, base_in], out)
             device_arrays.weighted_sum(d_stack, encoding, d_coefficients,
                                        d_stack[0] if d_base is None else d_base, base_encoding,
                                        base_coefficient, around_base, d_out, out_encoding,
@@ -174,8 +181,7 @@ class CudaKernels:
         base_in = base if around_base else None
         per_element = _element_bytes(stack, base_in) + out.itemsize
         for span in self._spans(stack.shape[1], per_element, row_length):
-            d_stack, d_base = self._upload(span, [stack, base_in])
-            d_out = self._span_output(span, out, [stack, base_in])
+            d_stack, d_base, d_out = self._upload(span, [stack, base_in], out)
             device_arrays.line_weighted_sum(
                 d_stack, encoding, d_coefficients, d_stack[0] if d_base is None else d_base,
                 base_encoding, base_coefficient, around_base, row_length, by_row,
@@ -232,8 +238,7 @@ class CudaKernels:
         d_scales = self._to_device(scales)
         per_element = _element_bytes(stack, base) + out.itemsize
         for span in self._spans(stack.shape[1], per_element, _sparse_unit(block)):
-            d_stack, d_base = self._upload(span, [stack, base])
-            d_out = self._span_output(span, out, [stack, base])
+            d_stack, d_base, d_out = self._upload(span, [stack, base], out)
             device_sparse.task_vector_merge(
                 d_stack, encoding, d_base, base_encoding, keep_kind, consensus, start + span.lo,
                 block, _selection_from(d_selection, span), d_weights, d_scales, normalize,
@@ -250,8 +255,8 @@ class CudaKernels:
         blocks_out = out.reshape(n_blocks, block_bytes) if n_blocks else out
         per_block = block_elements * values.itemsize + block_bytes
         for span in self._spans(n_blocks, per_block, 1):
-            (d_values,) = self._upload(_element_span(span, block_elements), [values])
-            d_out = self._span_output(span, blocks_out, [values], block_elements)
+            d_values, d_out = self._upload(_element_span(span, block_elements), [values],
+                                           blocks_out, span)
             device_quants.quantize_into(d_values, qtype, d_out.reshape(-1),
                                         stream=self.streams[span.slot])
             self._download_span(d_out, blocks_out, span)
@@ -259,23 +264,16 @@ class CudaKernels:
 
     # -- helpers ------------------------------------------------------------------
 
-    def _span_output(self, span: Span, out: np.ndarray, inputs: list[np.ndarray | None],
-                     scale: int = 1) -> Any:
-        """The slot's output area, after the inputs' area (see _upload's layout)."""
-        used = sum(_aligned(0 if a is None else _rows(a) * span.width * scale * a.itemsize)
-                   for a in inputs)
-        row_bytes = out.itemsize * math.prod(out.shape[1:])
-        size = span.width * row_bytes
-        buffer = self._slot_buffer(span.slot, used + size)
-        view = buffer[used:used + size].view(out.dtype)
-        return view.reshape(span.width, *out.shape[1:]) if out.ndim > 1 else view
-
     def _download_span(self, d_out: Any, out: np.ndarray, span: Span) -> None:
         d_out.copy_to_host(out[span.lo:span.hi], stream=self.streams[span.slot])
         self.copied_to_host += d_out.nbytes
 
     def _selection_to_device(self, selection: tuple) -> tuple:
         return tuple(self._to_device(part) for part in selection)
+
+
+def _out_row_bytes(out: np.ndarray) -> int:
+    return out.itemsize * math.prod(out.shape[1:])
 
 
 def _rows(array: np.ndarray) -> int:
