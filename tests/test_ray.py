@@ -4,6 +4,7 @@ killed driver. Runs on a local Ray instance with two worker CPUs."""
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import importlib.util
 import json
 import os
@@ -115,12 +116,13 @@ def _driver(models, out: Path, address: str, *extra: str) -> subprocess.Popen:
                             text=True)
 
 
-def _journal_files(staging: Path) -> list[str]:
+def _journal(staging: Path) -> dict[str, dict]:
     try:
         lines = (staging / "files-journal.jsonl").read_text().splitlines()[1:]
     except FileNotFoundError:
-        return []
-    return [json.loads(line)["file"] for line in lines if line.endswith("}")]
+        return {}
+    entries = [json.loads(line) for line in lines if line.endswith("}")]
+    return {entry["file"]: entry for entry in entries}
 
 
 def test_resume_after_the_driver_is_killed_redoes_only_unfinished_files(cluster, models,
@@ -130,12 +132,16 @@ def test_resume_after_the_driver_is_killed_redoes_only_unfinished_files(cluster,
     out, staging = tmp_path / "ray", tmp_path / ".ray.partial"
     driver = _driver(models, out, cluster)
     deadline = time.monotonic() + 240
-    while len(_journal_files(staging)) < 2 and driver.poll() is None:
+    while len(_journal(staging)) < 2 and driver.poll() is None:
         assert time.monotonic() < deadline, "the driver recorded no file in time"
         time.sleep(0.01)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    finished = _journal_files(staging)
+    finished = _journal(staging)
+    for name, entry in finished.items():  # what the tasks reported is what is on disk
+        data = (staging / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"],
+                                                                  entry["sha256"]), name
     shards = len(list((tmp_path / "local").glob("*.safetensors")))
     assert 2 <= len(finished) < shards, "the driver was not killed between files"
     before = {name: (staging / name).stat() for name in finished}

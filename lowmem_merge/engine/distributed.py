@@ -171,7 +171,8 @@ def merge_file(job: MergeJob, index: int, staging: str, digest: str) -> dict:
     planned = files[index]
     tasks = plan.tasks[first:first + len(planned.sizes)]
     temporary = replace(planned, name=f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{planned.name}")
-    file_writer = SequentialFileWriter(folder, [temporary])
+    digest = hashlib.sha256()  # of the bytes as written: no second read of the file
+    file_writer = SequentialFileWriter(folder, [temporary], digest)
     bytes_read = 0
 
     def on_progress(loaded: Loaded) -> None:
@@ -188,20 +189,10 @@ def merge_file(job: MergeJob, index: int, staging: str, digest: str) -> dict:
         file_writer.abort()
         (folder / temporary.name).unlink(missing_ok=True)
         raise
-    size, sha256 = _sha256(folder / temporary.name)
+    size = (folder / temporary.name).stat().st_size
     os.replace(folder / temporary.name, folder / planned.name)
     fsync_path(folder)
-    return {"file": planned.name, "bytes": size, "sha256": sha256, "tensors": len(tasks),
+    return {"file": planned.name, "bytes": size, "sha256": digest.hexdigest(),
+            "tensors": len(tasks),
             "bytes_read": bytes_read, "node": socket.gethostname()}
-
-
-def _sha256(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-            size += len(block)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return size, digest.hexdigest()
 

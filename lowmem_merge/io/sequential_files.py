@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import MergeError
 from .writeback import WINDOW, WriteBack
@@ -51,9 +52,11 @@ class SequentialFileWriter:
     file being written is cut back to the end of the last finished tensor.
     """
 
-    def __init__(self, folder: Path, files: list[PlannedFile]) -> None:
+    def __init__(self, folder: Path, files: list[PlannedFile], digest: Any = None) -> None:
+        """digest: a hashlib object fed every byte written (for a writer started at 0)."""
         self.folder = folder
         self.files = files
+        self.digest = digest
         self._at = _Position()
         self._fd = -1
         self._offset = 0
@@ -159,6 +162,8 @@ class SequentialFileWriter:
                 self._end_tensor()
 
     def _write_all(self, data: memoryview) -> None:
+        if self.digest is not None:
+            self.digest.update(data)
         while len(data):
             count = os.write(self._fd, data)
             data = data[count:]
