@@ -111,7 +111,7 @@ def _driver(models, out: Path, address: str, *extra: str) -> subprocess.Popen:
     base, experts = models
     command = [sys.executable, "-m", "lowmem_merge_cli.main", "merge", *map(str, experts),
                "--base", str(base), "-m", "karcher", "-o", str(out), "--shard-size", SHARD,
-               "--executor", "ray", "--ray-address", address, "--quiet", *extra]
+               "--executor", "ray", "--ray-address", address, *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -130,7 +130,7 @@ def test_resume_after_the_driver_is_killed_redoes_only_unfinished_files(cluster,
     base, experts = models
     lowmem_merge.merge(experts, "karcher", tmp_path / "local", base=base, shard_size=SHARD)
     out, staging = tmp_path / "ray", tmp_path / ".ray.partial"
-    driver = _driver(models, out, cluster)
+    driver = _driver(models, out, cluster, "--quiet")
     deadline = time.monotonic() + 240
     while len(_journal(staging)) < 2 and driver.poll() is None:
         assert time.monotonic() < deadline, "the driver recorded no file in time"
@@ -149,6 +149,9 @@ def test_resume_after_the_driver_is_killed_redoes_only_unfinished_files(cluster,
     resumed = _driver(models, out, cluster, "--resume")
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
+    kept = sum(entry["tensors"] for entry in finished.values())
+    assert f"{kept} done before --resume" in stdout
+    assert f"{len(SHAPE.tensors()) - kept} merged" in stdout
     _same_folders(tmp_path / "local", out)
     for name, stat in before.items():
         after = (out / name).stat()

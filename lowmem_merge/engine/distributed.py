@@ -31,6 +31,7 @@ from ..io.sequential_files import PlannedFile, SequentialFileWriter
 from .job import MergeJob
 from .pipeline import Loaded, Pipeline
 from .run import MergePlan, Written, plan_fingerprint, plan_merge, size_merge
+from .tensors import TensorTask
 
 log = logging.getLogger(__name__)
 EXTRA = "pip install 'lowmem-merge[ray]'"
@@ -40,18 +41,19 @@ TASK_RETRIES = 3
 
 
 def produce_on_ray(job: MergeJob, plan: MergePlan, writer: SequentialFileWriter,
-                   written: Written) -> tuple[int, int]:
+                   written: Written) -> tuple[list[TensorTask], int]:
     """Write every file the journal has not recorded, one Ray task each; then the index.
 
-    Returns (tensors in files finished before --resume, bytes the tasks read)."""
+    Returns (the tasks of files finished before --resume, bytes the tasks read)."""
     ray = import_ray()
     staging = plan.output.staging
     journal = FileJournal(staging, plan_fingerprint(writer.files, plan.tasks), job.resume)
     try:
         _remove_temporaries(staging)
         finished = _finished_files(journal, staging, writer.files)
-        written.tensors = resumed = sum(len(f.sizes) for f in writer.files
-                                        if f.name in finished)
+        resumed = [task for planned, tasks in _tasks_by_file(writer.files, plan.tasks)
+                   if planned.name in finished for task in tasks]
+        written.tensors = len(resumed)
         pending = [i for i, f in enumerate(writer.files) if f.name not in finished]
         bytes_read = 0
         if pending:
@@ -62,6 +64,16 @@ def produce_on_ray(job: MergeJob, plan: MergePlan, writer: SequentialFileWriter,
         return resumed, bytes_read
     finally:
         journal.close()
+
+
+def _tasks_by_file(files: list[PlannedFile], tasks: list[TensorTask]
+                   ) -> list[tuple[PlannedFile, list[TensorTask]]]:
+    """Each planned file with its tasks (files hold consecutive tasks, in plan order)."""
+    grouped, first = [], 0
+    for planned in files:
+        grouped.append((planned, tasks[first:first + len(planned.sizes)]))
+        first += len(planned.sizes)
+    return grouped
 
 
 def import_ray() -> Any:
@@ -167,9 +179,7 @@ def merge_file(job: MergeJob, index: int, staging: str, digest: str) -> dict:
         raise MergeError(f"node {socket.gethostname()} plans a different output from the same"
                          " job: its inputs differ from the driver's")
     sizing = size_merge(job, plan)
-    first = sum(len(f.sizes) for f in files[:index])
-    planned = files[index]
-    tasks = plan.tasks[first:first + len(planned.sizes)]
+    planned, tasks = _tasks_by_file(files, plan.tasks)[index]
     temporary = replace(planned, name=f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{planned.name}")
     digest = hashlib.sha256()  # of the bytes as written: no second read of the file
     file_writer = SequentialFileWriter(folder, [temporary], digest)

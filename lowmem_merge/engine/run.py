@@ -83,15 +83,17 @@ def run_merge(job: MergeJob) -> MergeReport:
     sizing = size_merge(job, plan)
     max_memory, chunk = sizing.max_memory, sizing.chunk
     resumed, bytes_read = _write_output(job, plan, sizing)
+    done_before = {id(t) for t in resumed}
+    fresh = [t for t in tasks if id(t) not in done_before]
     return MergeReport(
         method=job.method.name, output=job.output, experts=plan.n_experts,
-        tensors_merged=sum(t.merge is not None for t in tasks[resumed:]),
-        tensors_copied=sum(t.merge is None for t in tasks[resumed:]), tensors_resumed=resumed,
-        bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in tasks[resumed:]),
+        tensors_merged=sum(t.merge is not None for t in fresh),
+        tensors_copied=sum(t.merge is None for t in fresh), tensors_resumed=len(resumed),
+        bytes_read=bytes_read, bytes_written=sum(t.output.nbytes for t in fresh),
         seconds=time.perf_counter() - started, peak_rss=peak_rss(), max_memory=max_memory,
         chunk_elements=chunk, streamed_tensors=sum(t.numel > t.chunk for t in tasks),
         device=plan.devices.description,
-        gpu_tensors=sum(t.device == "cuda" for t in tasks[resumed:]),
+        gpu_tensors=sum(t.device == "cuda" for t in fresh),
         gpu_bytes_copied=getattr(plan.devices.gpu, "copied_to_device", 0),
         executor=job.executor)
 
@@ -103,10 +105,11 @@ class Written:
     tensors: int = 0
 
 
-def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing) -> tuple[int, int]:
+def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing
+                  ) -> tuple[list[TensorTask], int]:
     """Produce the output's files (here, or on Ray), check them, then commit the output.
 
-    Returns (tensors found done by --resume, bytes read). An interruption, an I/O error
+    Returns (the tasks found done by --resume, bytes read). An interruption, an I/O error
     (a full disk) or a failed distributed task keeps the work so far for --resume.
     """
     output, tasks = plan.output, plan.tasks
@@ -146,7 +149,7 @@ def _write_output(job: MergeJob, plan: MergePlan, sizing: Sizing) -> tuple[int, 
 
 
 def _produce_here(job: MergeJob, plan: MergePlan, sizing: Sizing, writer,
-                  written: Written) -> tuple[int, int]:
+                  written: Written) -> tuple[list[TensorTask], int]:
     """Stream the tasks the journal has not recorded into the files, in this process."""
     tasks = plan.tasks
     journal = Journal(plan.output.staging, plan_fingerprint(writer.files, tasks), job.resume)
@@ -158,7 +161,7 @@ def _produce_here(job: MergeJob, plan: MergePlan, sizing: Sizing, writer,
 
     try:
         writer.start(resumed, on_checkpoint, job.checkpoint_bytes, sizing.window)
-        return resumed, _stream(job, tasks[resumed:], sizing.chunk, plan, writer)
+        return tasks[:resumed], _stream(job, tasks[resumed:], sizing.chunk, plan, writer)
     finally:
         journal.close()
 
