@@ -193,14 +193,17 @@ class CudaKernels:
     def magnitude_histogram(self, stack: np.ndarray, encoding: int, base: np.ndarray,
                             base_encoding: int, buckets: np.ndarray | None,
                             parts: np.ndarray) -> None:
-        # Counts are integers added atomically: any span order gives the CPU's totals.
-        d_parts = self._to_device(parts)
+        # Counts are integers added atomically: any span order gives the CPU's totals. The
+        # device adds into the first part only, so only it travels (the CPU has one per
+        # thread; the caller sums them).
+        first = parts[:1]
+        d_parts = self._to_device(first)
         d_buckets = None if buckets is None else self._to_device(buckets)
         for span in self._spans(stack.shape[1], _element_bytes(stack, base), 1):
             d_stack, d_base = self._upload(span, [stack, base])
             device_sparse.magnitude_histogram(d_stack, encoding, d_base, base_encoding,
                                               d_buckets, d_parts, stream=self.streams[span.slot])
-        self._to_host(d_parts, parts)
+        self._to_host(d_parts, first)
 
     def threshold_ties(self, stack: np.ndarray, encoding: int, base: np.ndarray,
                        base_encoding: int, thresholds: np.ndarray, counts: np.ndarray) -> None:
