@@ -95,8 +95,9 @@ def connect(ray: Any, job: MergeJob) -> None:
             ray.init(num_cpus=job.threads or os.cpu_count(), include_dashboard=False,
                      logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        # TaskFailed: with --resume, the files finished before are kept for the next try.
         where = job.ray_address or "a local Ray"
-        raise MergeError(f"--executor ray: cannot start or reach {where}: {exc}") from None
+        raise TaskFailed(f"--executor ray: cannot start or reach {where}: {exc}") from None
 
 
 def _finished_files(journal: FileJournal, staging: Path,
