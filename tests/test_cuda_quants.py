@@ -5,7 +5,6 @@ LOWMEM_TEST_REAL_CUDA=1. The simulator runs one Python thread per CUDA thread, s
 a few blocks: for the K-quants, three blocks of 256 per call.
 """
 
-import sys
 
 import gguf
 import gguf.quants
@@ -21,17 +20,6 @@ T = gguf.GGMLQuantizationType
 QK_K = 256
 SIMPLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
 K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quick_thread_switches():
-    """The simulator's block manager polls its threads; shorter GIL slices cut the waits."""
-    if not cuda.is_available():
-        pytest.skip("no CUDA device and the CUDA simulator is off")
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(previous)
 
 
 def quantize_both(values: np.ndarray, qtype: T) -> tuple[np.ndarray, np.ndarray]:

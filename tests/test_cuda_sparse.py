@@ -9,7 +9,6 @@ sizes that the thread-block size does not divide and deltas on a coarse grid, so
 magnitudes tie at the thresholds.
 """
 
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,17 +23,6 @@ from lowmem_merge.kernels.cuda import sparse as device  # noqa: E402
 STORAGE = {BF16: np.uint16, F16: np.uint16, F32: np.uint32}
 NAMES = {BF16: "bf16", F16: "f16", F32: "f32"}
 MASK64 = (1 << 64) - 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quick_thread_switches():
-    """The simulator's block manager polls its threads; shorter GIL slices cut the waits."""
-    if not cuda.is_available():
-        pytest.skip("no CUDA device and the CUDA simulator is off")
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(previous)
 
 
 # -- inputs and independent references --------------------------------------------------------
