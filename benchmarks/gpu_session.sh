@@ -45,7 +45,7 @@ status=0
 if [ "${1:-}" != "--bench-only" ]; then
     LOWMEM_TEST_REAL_CUDA=1 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
         tests/test_cuda_arrays.py tests/test_cuda_sparse.py tests/test_cuda_quants.py \
-        tests/test_cuda_engine.py 2>&1 | tee "$OUT/tests.log"
+        tests/test_cuda_engine.py tests/test_ptx.py 2>&1 | tee "$OUT/tests.log"
     status=${PIPESTATUS[0]}
 fi
 if [ "${1:-}" != "--tests-only" ]; then

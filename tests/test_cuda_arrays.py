@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from numba import config as numba_config
 
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (CUDA path)")
 
@@ -430,26 +429,3 @@ def test_package_import_leaves_numba_cuda_alone() -> None:
     code = ("import sys, lowmem_merge.api, lowmem_merge.kernels.cuda; "
             "assert not [m for m in sys.modules if m.startswith(('numba.cuda', 'numba_cuda'))]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
-
-
-@pytest.mark.skipif(numba_config.ENABLE_CUDASIM,
-                    reason="the simulator compiles no PTX: needs LOWMEM_TEST_REAL_CUDA=1 and a GPU")
-def test_sums_compile_without_fused_multiply_add() -> None:
-    """NVVM fuses a * b + c by default; the products that feed sums must stay unfused."""
-    from numba import types
-
-    def array(dtype: types.Type, ndim: int = 1) -> types.Array:
-        return types.Array(dtype, ndim, "C")
-
-    raw, f64, i64 = array(types.uint16), types.float64, types.int64
-    stack, grams = array(types.uint16, 2), array(f64, 3)
-    compiled = [
-        (device._weighted_sum_kernel(BF16, BF16, True, BF16), (stack, array(f64), raw, f64, raw)),
-        (device._line_sum_kernel(BF16, BF16, True, True, BF16),
-         (stack, array(f64, 2), raw, f64, i64, i64, raw)),
-        (device._gram_kernel(BF16, BF16, True, 3), (stack, raw, grams)),
-        (device._line_gram_kernel(BF16, BF16, True, False, 2), (stack, raw, i64, grams)),
-    ]
-    for kernel, signature in compiled:
-        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(8, 0))
-        assert "fma.rn.f64" not in ptx and "mul.rn.f64" in ptx
