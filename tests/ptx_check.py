@@ -9,8 +9,11 @@ the CPU rounds twice, and then a GPU's bytes differ from the CPU's:
   ``sub`` with none (PTX ISA, "Floating Point Instructions": instructions without a rounding
   modifier may be optimised into fused multiply-add).
 
+Approximate float instructions (``div.approx``, ``sqrt.approx``...) and flushed subnormals
+(``.ftz``), which fast math would bring, would change bytes too.
+
 For each kernel specialization the backend can launch, this compiles PTX (numba-cuda, NVVM
-from the CUDA toolkit wheels), flags either pattern, and assembles the PTX for each target
+from the CUDA toolkit wheels), flags all of these, and assembles the PTX for each target
 with nvJitLink (ptxas), recording registers and spills. Run as a script, without
 NUMBA_ENABLE_CUDASIM, it prints a JSON report; exit code 3 means no CUDA compiler here
 (numba-cuda with NVVM, NVRTC and nvJitLink, as the cuda and test extras install them).
@@ -24,21 +27,28 @@ import re
 import sys
 from itertools import product
 
-# The report is a JSON object: {"kernels": [...], "problems": [...], "targets": [...]}.
+# The report is a JSON object: {"kernels": [...], "problems": [...], "controls": {...}, ...}.
 COMPILE_CC = (7, 5)  # the oldest architecture CUDA 13 builds for; its PTX runs on newer ones
 TARGETS = ("sm_75", "sm_86", "sm_90")
 NO_COMPILER = 3
 
 _INSTRUCTION = re.compile(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)\s+([^;]*);", re.M)
 _PLAIN_FLOAT = re.compile(r"^(mul|add|sub|neg|mov)\.f(32|64)$")
+# Approximate division, reciprocal, square root or transcendental, or subnormals flushed to
+# zero: NVVM emits these under fast math, and the CPU does neither.
+_INEXACT = re.compile(r"\.(approx|ftz|full)\b")
 
 
-def contraction_problems(ptx: str) -> list[str]:
-    """Float FMAs NVVM emitted, and plain products that ptxas may fuse into a plain sum."""
+def arithmetic_problems(ptx: str) -> list[str]:
+    """Float FMAs NVVM emitted, plain products that ptxas may fuse into a plain sum, and
+    float instructions that are not correctly rounded IEEE arithmetic."""
     problems = []
     products: set[str] = set()  # registers holding an unrounded-order product, or its copy
     for opcode, operands in _INSTRUCTION.findall(ptx):
         parts = [p.strip() for p in operands.split(",")]
+        if _INEXACT.search(opcode):
+            problems.append(f"{opcode} {operands} (not IEEE-exact)")
+            continue
         if re.match(r"^(fma|mad)\.(rn\.|rz\.|rm\.|rp\.)?(ftz\.)?(sat\.)?f(32|64)", opcode):
             problems.append(f"{opcode} {operands}")
             continue
@@ -161,24 +171,32 @@ def _fusable(x, y, out):
     out[0] = x[0] * y[0] + out[0]
 
 
-def compile_control() -> str:
-    """PTX of a * b + c written plainly, which the rules must flag (or they see nothing)."""
+def _divides(x, y, out):
+    out[0] = x[0] / y[0]
+
+
+def compile_controls() -> dict[str, str]:
+    """PTX that the rules must flag, or they would see nothing anywhere: a * b + c written
+    plainly, and a float32 division under fast math."""
     from numba import cuda, types
 
-    vector = types.Array(types.float64, 1, "C")
-    ptx, _ = cuda.compile_ptx(_fusable, (vector, vector, vector), cc=COMPILE_CC)
-    return ptx
+    f64, f32 = types.Array(types.float64, 1, "C"), types.Array(types.float32, 1, "C")
+    fused, _ = cuda.compile_ptx(_fusable, (f64, f64, f64), cc=COMPILE_CC)
+    fast, _ = cuda.compile_ptx(_divides, (f32, f32, f32), cc=COMPILE_CC, fastmath=True)
+    return {"a * b + c": fused, "fast-math division": fast}
 
 
-def check(control: str) -> dict:
-    """Compile and assemble every specialization."""
+def check(controls: dict[str, str]) -> dict:
+    """Compile and assemble every specialization; ``controls`` holds what the rules find in
+    each control, which must not be empty."""
     from numba import cuda
 
     report = {"compile_cc": list(COMPILE_CC), "targets": list(TARGETS), "kernels": [],
-              "problems": [], "control": contraction_problems(control)}
+              "problems": [],
+              "controls": {name: arithmetic_problems(ptx) for name, ptx in controls.items()}}
     for name, kernel, signature in specializations():
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=COMPILE_CC)
-        problems = contraction_problems(ptx)
+        problems = arithmetic_problems(ptx)
         report["problems"] += [f"{name}: {p}" for p in problems]
         entry = {"kernel": name, "ptx_lines": ptx.count("\n")}
         for target in TARGETS:
@@ -193,12 +211,12 @@ def main() -> int:
         return NO_COMPILER
     try:
         _force_compile_target()
-        control = compile_control()
-        assemble(control, TARGETS[0])
+        controls = compile_controls()
+        assemble(controls["a * b + c"], TARGETS[0])
     except Exception as exc:  # noqa: BLE001 - a missing numba-cuda, NVVM, NVRTC or nvJitLink
         print(f"no CUDA compiler here ({type(exc).__name__}: {exc})".splitlines()[0])
         return NO_COMPILER
-    print(json.dumps(check(control), indent=1))
+    print(json.dumps(check(controls), indent=1))
     return 0
 
 
