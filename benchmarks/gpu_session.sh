@@ -20,13 +20,15 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
+# The checkout itself runs, from a private folder: nothing is installed over the machine's own.
+SITE=/tmp/lowmem-site
+mkdir -p "$SITE"
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade \
-        --target /tmp/lowmem-site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/lowmem-site
+        --target "$SITE" .whl/*.whl || exit 1
 fi
-# The checkout itself, not an installed copy (nothing is installed over the machine's own).
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+ln -sfn "$PWD/cli" "$SITE/lowmem_merge_cli"  # the command's package, as pyproject.toml maps it
+export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
