@@ -26,8 +26,8 @@ from ..scalars import BF16, F16, F32
 # fuses (PTX ISA: only mul/add without a rounding modifier may be fused). It costs
 # one extra FP64 instruction per product: nothing on data-centre GPUs, where these
 # kernels are memory bound, and up to a factor 1.5-2 where FP64 is the bottleneck,
-# on consumer GPUs with 1/64-rate FP64. tests/test_cuda_arrays.py checks the PTX
-# on a real GPU.
+# on consumer GPUs with 1/64-rate FP64. tests/test_ptx.py compiles every kernel
+# with NVVM and checks its PTX (no GPU needed).
 if config.ENABLE_CUDASIM:
 
     def mul_rn(a: float, b: float) -> float:
