@@ -13,6 +13,8 @@ Bit-exactness is the contract:
   (``quantize_row_q4_K_ref`` and friends in ggml-quants.c), step by step in float32, which
   the gguf package cannot do at all.
 
+The quantizers' block code is quant_blocks.py, which the CUDA backend compiles too.
+
 Python scalars are float64 in numba and would silently promote float32 arithmetic, so every
 constant below is spelled ``np.float32(...)`` and every integer meets floats through
 ``np.float32``. Kernels use ``error_model="numpy"``: every division is guarded as in the C
@@ -33,7 +35,7 @@ _T = gguf.GGMLQuantizationType
 # element (measured with tracemalloc over the rare types), so about 18 MiB here.
 _FALLBACK_ELEMENTS = 1 << 20
 FALLBACK_WORKING_BYTES = 24 * 1024**2
-_CHUNK_BLOCKS = 64  # blocks per parallel work item of the K-quantizers (scratch reuse)
+_CHUNK_BLOCKS = 64  # blocks per parallel work item of the quantizers with scratch
 
 _F32 = _T.F32.value
 _F16 = _T.F16.value

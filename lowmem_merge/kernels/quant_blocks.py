@@ -15,7 +15,7 @@ float32, so the bytes are the same on either device:
   0x8000000000000000 for NaN or out of range, where a device saturates.
 
 The primitives each device supplies are the names in shared_code.PRIMITIVES; the CPU's are
-defined here.
+defined or imported here.
 """
 
 import numpy as np

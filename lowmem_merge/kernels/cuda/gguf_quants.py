@@ -22,8 +22,6 @@ from .scalars import bits_from_f32, f32_from_bits, half_bits_to_f32_bits
 _T = gguf.GGMLQuantizationType
 THREADS = 32 if SIMULATED else 64  # blocks quantized per CUDA block of threads
 _MAX_GRID = 1 << 16
-
-
 _TWO_63 = np.float32(2.0**63)
 _INT64_MIN = np.int64(-(2**63))
 
