@@ -87,8 +87,10 @@ def _round_clamp(value, lowest, highest):
     """nearest_int(value) clamped to [lowest, highest], as a float32 (bounded grids).
 
     Builtin min and max vectorise on the CPU (the selects of _min and _max did not, a tenth
-    slower in Q6_K), and give the same bits on a GPU here: the bounds are never NaN, a NaN
-    level becomes lowest either way, and the level is never -0.0 (x - x is +0.0)."""
+    slower in Q6_K). On a GPU numba-cuda makes them fmaxf and fminf, which differ from the
+    CPU's select only for NaN and for zeros of both signs; neither matters here: the bounds
+    are never NaN, a NaN level becomes lowest either way, and the level is never -0.0
+    (x - x is +0.0)."""
     level = (value + _MAGIC_ROUND) - _MAGIC_ROUND
     return min(highest, max(lowest, level))
 
