@@ -21,6 +21,7 @@ NUMBA_ENABLE_CUDASIM, it prints a JSON report; exit code 3 means no CUDA compile
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -209,11 +210,14 @@ def main() -> int:
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         print("NUMBA_ENABLE_CUDASIM=1: the simulator compiles nothing")
         return NO_COMPILER
+    if importlib.util.find_spec("numba_cuda") is None:
+        print("no CUDA compiler here: numba-cuda is not installed")
+        return NO_COMPILER
+    _force_compile_target()  # fails loudly if numba-cuda moved what it patches
     try:
-        _force_compile_target()
         controls = compile_controls()
         assemble(controls["a * b + c"], TARGETS[0])
-    except Exception as exc:  # noqa: BLE001 - a missing numba-cuda, NVVM, NVRTC or nvJitLink
+    except Exception as exc:  # noqa: BLE001 - a missing NVVM, NVRTC or nvJitLink library
         print(f"no CUDA compiler here ({type(exc).__name__}: {exc})".splitlines()[0])
         return NO_COMPILER
     print(json.dumps(check(controls), indent=1))
