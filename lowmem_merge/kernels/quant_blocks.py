@@ -9,9 +9,9 @@ float32, so the bytes are the same on either device:
 * every product goes through ``mul32``, which a GPU compiler can never fuse with a sum into
   an FMA (the CPU never fuses: numba leaves ``fastmath`` off);
 * every constant is a float32 (Python floats are float64 in numba and would promote);
-* float ``min``/``max`` are ``_min``/``_max`` (numba's builtin select, which a device's fmaxf
-  would not be for NaN) wherever a NaN could reach them (see _round_clamp for where none
-  can), and float-to-integer conversions go through ``to_int64``, which gives x86's
+* a float ``max`` that a NaN could reach is ``_max`` (numba's builtin select, which a
+  device's fmaxf would not be for NaN; see _round_clamp for where none can);
+* float-to-integer conversions go through ``to_int64``, which gives x86's
   0x8000000000000000 for NaN or out of range, where a device saturates.
 
 The primitives each device supplies are the names in shared_code.PRIMITIVES; the CPU's are
@@ -70,12 +70,6 @@ def _max(acc, value):
 
 
 @shared
-def _min(acc, value):
-    """numba's builtin min(acc, value) on floats."""
-    return value if value < acc else acc
-
-
-@shared
 def _nearest_int(value):
     """ggml's nearest_int, through the float32 magic-number trick as the C code spells it."""
     shifted = value + _MAGIC_ROUND
@@ -86,7 +80,7 @@ def _nearest_int(value):
 def _round_clamp(value, lowest, highest):
     """nearest_int(value) clamped to [lowest, highest], as a float32 (bounded grids).
 
-    Builtin min and max vectorise on the CPU (the selects of _min and _max did not, a tenth
+    Builtin min and max vectorise on the CPU (selects like _max's did not, a tenth
     slower in Q6_K). On a GPU numba-cuda makes them fmaxf and fminf, which differ from the
     CPU's select only for NaN and for zeros of both signs; neither matters here: the bounds
     are never NaN, a NaN level becomes lowest either way, and the level is never -0.0
