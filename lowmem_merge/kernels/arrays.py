@@ -17,7 +17,7 @@ from functools import cache
 import numpy as np
 from numba import njit, prange
 
-from .scalars import decode, encode, narrow_f32
+from .scalars import decode, decode_bits, encode, narrow_f32_bits
 
 # Elements per reduction block. Chunk starts must be multiples of this.
 REDUCTION_BLOCK = 8192
@@ -128,9 +128,11 @@ def encode_array(values, out, out_encoding):
 
 @njit(parallel=True, nogil=True, cache=True)
 def transcode(raw, encoding, out, out_encoding):
-    """Re-encode stored bits (exact when widening, RNE when narrowing)."""
+    """Re-encode stored bits (exact when widening, RNE when narrowing).
+
+    Bits all the way: a signalling NaN in a float register would be quieted on a GPU."""
     for j in prange(raw.shape[0]):
-        out[j] = narrow_f32(decode(raw[j], encoding), out_encoding)
+        out[j] = narrow_f32_bits(decode_bits(raw[j], encoding), out_encoding)
 
 
 @cache

@@ -15,13 +15,13 @@ float32, so the bytes are the same on either device:
   0x8000000000000000 for NaN or out of range, where a device saturates.
 
 The primitives each device supplies are the names in shared_code.PRIMITIVES; the CPU's are
-defined or imported here.
+in kernels/primitives.py.
 """
 
 import numpy as np
-from numba import njit
 
-from .scalars import bits_from_f32, f32_from_bits, half_bits_to_f32
+from .primitives import bits_from_f32, f32_from_bits, floor32, mul32, sqrt32, to_int64
+from .scalars import half_bits_to_f32
 from .shared_code import shared
 
 QK_K = 256
@@ -29,35 +29,6 @@ _GROUP_MAX_EPS = np.float32(1e-15)  # ggml's "all zero" threshold for a group
 _MAGIC_ROUND = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
-
-
-# ---------------------------------------------------------------- the CPU's primitives
-
-
-@njit(cache=True, error_model="numpy")
-def mul32(a, b):
-    return np.float32(a) * np.float32(b)
-
-
-@njit(cache=True, error_model="numpy")
-def floor32(value):
-    return np.floor(np.float32(value))
-
-
-@njit(cache=True, error_model="numpy")
-def sqrt32(value):
-    return np.sqrt(np.float32(value))
-
-
-@njit(cache=True, error_model="numpy")
-def to_int64(value):
-    """Truncation as x86 does it: 0x8000000000000000 for NaN or out of range."""
-    return np.int64(value)
-
-
-@njit(cache=True, error_model="numpy")
-def half_to_f32(bits):
-    return half_bits_to_f32(np.uint32(bits))
 
 
 # ---------------------------------------------------------------- scalar helpers
@@ -98,7 +69,8 @@ def _round_clamp_int(value, lowest, highest):
 @shared
 def half_at(raw, offset):
     """float32 of the little-endian float16 at raw[offset:offset + 2] (exact)."""
-    return half_to_f32(np.uint32(raw[offset]) | (np.uint32(raw[offset + 1]) << np.uint32(8)))
+    return half_bits_to_f32(np.uint32(raw[offset]) | (np.uint32(raw[offset + 1])
+                                                  << np.uint32(8)))
 
 
 @shared

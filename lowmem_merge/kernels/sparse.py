@@ -9,7 +9,8 @@ count of ties lets every block know its first tie's rank.
 
 Random drops draw from a counter-based generator (splitmix64 of a per
 tensor-and-expert seed and the element's global index): the same mask
-whatever the chunking, the thread count or the device.
+whatever the chunking, the thread count or the device. cuda/sparse.py compiles
+``magnitude_key`` and ``uniform`` from this source (see shared_code.py).
 
 Kernels are specialised per encoding and rule by factories that capture only
 integers, so Numba can cache them on disk.
@@ -21,7 +22,9 @@ import numpy as np
 from numba import njit, prange
 
 from .arrays import REDUCTION_BLOCK
-from .scalars import bits_from_f32, decode, encode
+from .primitives import bits_from_f32, wrap_add64, wrap_mul64
+from .scalars import decode, encode
+from .shared_code import shared
 
 KEEP_BY_THRESHOLD = 0
 KEEP_AT_RANDOM = 1
@@ -35,17 +38,18 @@ ALL = -1
 NONE = 1 << 32
 
 
-@njit(inline="always", cache=True)
+@shared
 def magnitude_key(delta):
+    """float32 bits of |delta|: monotone in the magnitude."""
     return np.int64(bits_from_f32(np.float32(abs(delta))))
 
 
-@njit(inline="always", cache=True)
+@shared
 def uniform(seed, index):
     """splitmix64 of (seed, index) as a float in [0, 1) with 53 random bits."""
-    z = seed + np.uint64(index) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = wrap_add64(seed, wrap_mul64(np.uint64(index), np.uint64(0x9E3779B97F4A7C15)))
+    z = wrap_mul64(z ^ (z >> np.uint64(30)), np.uint64(0xBF58476D1CE4E5B9))
+    z = wrap_mul64(z ^ (z >> np.uint64(27)), np.uint64(0x94D049BB133111EB))
     z = z ^ (z >> np.uint64(31))
     return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 

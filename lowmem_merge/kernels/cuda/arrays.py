@@ -8,7 +8,7 @@ except count_nonfinite, which must read its count back.
 
 Numerics equal the CPU kernels bit for bit: each output is computed by one thread
 in the CPU's float64 operation order, with no fused multiply-add (see mul_rn in
-cuda/scalars.py). The one exception is a NaN made by float64 arithmetic (inf - inf,
+cuda/primitives.py). The one exception is a NaN made by float64 arithmetic (inf - inf,
 or a NaN input to a sum): GPUs return a canonical NaN where CPUs propagate an
 operand's sign and payload, so such outputs are NaN on both but may differ in bits.
 The Gram partials keep the CPU's four interleaved sums per block: one thread per
@@ -23,7 +23,8 @@ import numpy as np
 from numba import config, cuda
 
 from ..arrays import REDUCTION_BLOCK
-from .scalars import decode, decode64, decode_bits, encode, mul_rn, narrow_f32_bits
+from .primitives import mul_rn
+from .scalars import decode, decode64, decode_bits, encode, narrow_f32_bits
 
 # Threads per block of the element-wise kernels, and a grid cap past which
 # threads loop over the elements (a grid-stride loop).

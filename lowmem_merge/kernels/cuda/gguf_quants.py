@@ -2,9 +2,9 @@
 
 One thread quantizes one block (32 elements, or 256 for the K-quants) with per-thread scratch
 in local memory. The block code is kernels/quant_blocks.py itself, compiled for the device
-with the device's primitives (see kernels/shared_code.py): every product through ``mul32``
-(libdevice's ``fmul_rn``, which NVVM cannot fuse with a sum into an FMA; see exact_ops),
-bit casts through cuda/scalars.py. tests/test_ptx.py checks the compiled code.
+with the device's primitives (see kernels/shared_code.py and cuda/primitives.py): every
+product through ``mul32`` (libdevice's ``fmul_rn``, which NVVM cannot fuse with a sum into an
+FMA), bit casts through the device's own. tests/test_ptx.py checks the compiled code.
 """
 
 from typing import Any
@@ -16,34 +16,14 @@ from numba import cuda
 from .. import quant_blocks
 from ..gguf_quants import QK_K, block_layout
 from ..shared_code import retarget
-from .exact_ops import SIMULATED, device_function, floor32, mul32, sqrt32
-from .scalars import bits_from_f32, f32_from_bits, half_bits_to_f32_bits
+from .primitives import DEVICE_PRIMITIVES, SIMULATED, bits_from_f32, device_function
+from .scalars import twins as scalar_twins
 
 _T = gguf.GGMLQuantizationType
 THREADS = 32 if SIMULATED else 64  # blocks quantized per CUDA block of threads
 _MAX_GRID = 1 << 16
-_TWO_63 = np.float32(2.0**63)
-_INT64_MIN = np.int64(-(2**63))
-
-
-@device_function
-def _to_int64(value):
-    """np.int64(value) as x86 truncates (0x8000000000000000 for NaN or out of range), where a
-    device's conversion saturates."""
-    if value >= -_TWO_63 and value < _TWO_63:
-        return np.int64(value)
-    return _INT64_MIN
-
-
-@device_function
-def _half_to_f32(bits):
-    return f32_from_bits(half_bits_to_f32_bits(np.uint32(bits)))
-
-
-blocks = retarget(quant_blocks, {
-    "mul32": mul32, "floor32": floor32, "sqrt32": sqrt32, "to_int64": _to_int64,
-    "bits_from_f32": bits_from_f32, "f32_from_bits": f32_from_bits,
-    "half_to_f32": _half_to_f32}, device_function, f"{__name__}.blocks")
+blocks = retarget(quant_blocks, DEVICE_PRIMITIVES, device_function, f"{__name__}.blocks",
+                  links=(scalar_twins,))
 
 
 # ---------------------------------------------------------------- float formats

@@ -14,7 +14,7 @@ What makes each result equal to the CPU's:
 * DELLA's rank in a row is the position in a stable sort of |delta| (NaN last), counted
   element by element against the row;
 * per element, the float64 operations of the merge are the CPU's in the same order (each
-  product rounded on its own, never fused: see scalars.mul_rn), and the L1 sums of a block
+  product rounded on its own, never fused: see primitives.mul_rn), and the L1 sums of a block
   are added by one thread in index order, as the CPU does.
 
 NaN payloads are not carried through arithmetic: a device's float operations give canonical
@@ -28,10 +28,13 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
+from .. import sparse
 from ..arrays import REDUCTION_BLOCK
+from ..shared_code import retarget
 from ..sparse import KEEP_AT_RANDOM, KEEP_BY_ROW_RANK
-from .exact_ops import SIMULATED, device_function, wrap_add64, wrap_mul64
-from .scalars import bits_from_f32, decode, encode, mul_rn
+from .primitives import DEVICE_PRIMITIVES, SIMULATED, device_function, mul_rn
+from .scalars import decode, encode
+from .scalars import twins as scalar_twins
 
 # Threads per block. The simulator runs each thread as a Python thread: fewer keep it quick.
 THREADS = 32 if SIMULATED else 128
@@ -45,20 +48,11 @@ Array = Any  # a numba device array, or a host numpy array (copied in and out pe
 # ---------------------------------------------------------------- element helpers
 
 
-@device_function
-def magnitude_key(delta):
-    """float32 bits of |delta|: monotone in the magnitude, as sparse.magnitude_key."""
-    return np.int64(bits_from_f32(np.float32(abs(delta))))
-
-
-@device_function
-def uniform(seed, index):
-    """splitmix64 of (seed, index) as a float in [0, 1) with 53 random bits (sparse.uniform)."""
-    z = wrap_add64(seed, wrap_mul64(np.uint64(index), np.uint64(0x9E3779B97F4A7C15)))
-    z = wrap_mul64(z ^ (z >> np.uint64(30)), np.uint64(0xBF58476D1CE4E5B9))
-    z = wrap_mul64(z ^ (z >> np.uint64(27)), np.uint64(0x94D049BB133111EB))
-    z = z ^ (z >> np.uint64(31))
-    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+# The key and the random draw are kernels/sparse.py's own code: masks cannot drift apart.
+_rules = retarget(sparse, DEVICE_PRIMITIVES, device_function, f"{__name__}.rules",
+                  links=(scalar_twins,))
+magnitude_key = _rules.magnitude_key
+uniform = _rules.uniform
 
 
 @device_function
