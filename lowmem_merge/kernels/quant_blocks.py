@@ -69,8 +69,8 @@ def _round_clamp_int(value, lowest, highest):
 @shared
 def half_at(raw, offset):
     """float32 of the little-endian float16 at raw[offset:offset + 2] (exact)."""
-    return half_bits_to_f32(np.uint32(raw[offset]) | (np.uint32(raw[offset + 1])
-                                                  << np.uint32(8)))
+    bits = np.uint32(raw[offset]) | (np.uint32(raw[offset + 1]) << np.uint32(8))
+    return half_bits_to_f32(bits)
 
 
 @shared
