@@ -9,9 +9,8 @@ Runs each dense and sparse kernel the merge methods call on the same seeded bf16
 (and a base), and prints, per kernel, the median time of ``--repeat`` runs after one warm-up
 (compilation), the rate over the experts' bytes in MB/s, and the first 16 hex digits of the
 output's SHA-256. Run it on two versions of the code, alternately, to compare them: equal
-digests mean equal results. Numba's on-disk cache keys a kernel on its own file only, so
-after editing a function that kernels import (kernels/scalars.py, primitives.py), delete
-lowmem_merge's ``__pycache__/*.nbi`` and ``*.nbc`` first, or the old code runs.
+digests mean equal results. A checkout whose kernel sources changed compiles its kernels
+again on its first run (kernels/compile_cache.py), in the untimed warm-up.
 """
 
 from __future__ import annotations

@@ -4,15 +4,19 @@ The kernels whose work grows with the tensor are dispatched (see dispatch.py): t
 the backend the engine chose for the tensor, the CPU or a CUDA device.
 """
 
-from .arrays import (
+from .compile_cache import install as _stamp_cache_entries
+
+_stamp_cache_entries()  # before any kernel is decorated: see compile_cache.py
+
+from .arrays import (  # noqa: E402
     REDUCTION_BLOCK,
     count_nonfinite,
     decode_array,
     encode_array,
     transcode,
 )
-from .dispatch import dispatched
-from .scalars import BF16, F16, F32
+from .dispatch import dispatched  # noqa: E402
+from .scalars import BF16, F16, F32  # noqa: E402
 
 gram_blocks = dispatched("gram_blocks")
 weighted_sum = dispatched("weighted_sum")
