@@ -16,12 +16,15 @@ again on its first run (kernels/compile_cache.py), in the untimed warm-up.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_quantize import timed_row  # noqa: E402 - found through the path set above
 
 
 def _cases(n: int, n_experts: int) -> dict[str, tuple[Callable[[], None], np.ndarray]]:
@@ -82,15 +85,7 @@ def main() -> None:
     print("| kernel | ms | MB/s in | sha256 |\n| --- | --: | --: | --- |")
     for name, (run, output) in _cases(args.elements, args.experts).items():
         output[...] = 0
-        run()
-        times = []
-        for _ in range(args.repeat):
-            started = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - started)
-        seconds = statistics.median(times)
-        digest = hashlib.sha256(output.tobytes()).hexdigest()[:16]
-        print(f"| {name} | {seconds * 1e3:.1f} | {in_bytes / seconds / 1e6:.0f} | {digest} |")
+        print(timed_row(name, run, output, in_bytes, args.repeat))
 
 
 if __name__ == "__main__":

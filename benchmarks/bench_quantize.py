@@ -17,11 +17,28 @@ import argparse
 import hashlib
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
 import gguf
 import numpy as np
 
 TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def timed_row(name: str, run: Callable[[], None], output: np.ndarray, in_bytes: int,
+              repeat: int) -> str:
+    """A table row: the median time of ``repeat`` runs after one warm-up, the input rate and
+    the first 16 hex digits of the output's SHA-256."""
+    run()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    digest = hashlib.sha256(output.tobytes()).hexdigest()[:16]
+    return f"| {name} | {seconds * 1e3:.1f} | {in_bytes / seconds / 1e6:.0f} | {digest} |"
 
 
 def main() -> None:
@@ -45,15 +62,8 @@ def main() -> None:
         qtype = gguf.GGMLQuantizationType[name].value
         block_elements, block_bytes = block_layout(qtype)
         out = np.zeros(args.elements // block_elements * block_bytes, np.uint8)
-        quantize_into(values, qtype, out)
-        times = []
-        for _ in range(args.repeat):
-            started = time.perf_counter()
-            quantize_into(values, qtype, out)
-            times.append(time.perf_counter() - started)
-        seconds = statistics.median(times)
-        digest = hashlib.sha256(out.tobytes()).hexdigest()[:16]
-        print(f"| {name} | {seconds * 1e3:.1f} | {values.nbytes / seconds / 1e6:.0f} | {digest} |")
+        print(timed_row(name, partial(quantize_into, values, qtype, out), out, values.nbytes,
+                        args.repeat))
 
 
 if __name__ == "__main__":
